@@ -1,0 +1,1 @@
+//! The virtio-mem device model (virtio device type 24).
