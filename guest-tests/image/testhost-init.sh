@@ -1,0 +1,69 @@
+#!/bin/busybox sh
+# PID 1 of the nested test host (L1), started by ci/testhost-run.
+# Mounts the host's / (9p tag "host", read-only) at /host, the writable shares
+# (9p tags rw0, rw1, ... at the host paths given by th.rw=PATH:PATH...) on top of it,
+# loads kvm_amd, chroots into /host and runs the script th.script=PATH with bash.
+# Prints "TESTHOST-EXIT status=N" and writes N to th.status=PATH, then powers off.
+
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+
+fail() {
+    echo "TESTHOST-ERROR $*"
+    echo "TESTHOST-EXIT status=125"
+    poweroff -f
+}
+
+while read -r name status; do
+    [ -z "$name" ] && continue
+    [ "$status" = builtin ] && continue
+    insmod "/lib/modules/$name.ko" || echo "TESTHOST-WARN insmod $name failed"
+done </etc/modules
+
+script=""
+status_file=""
+rw=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+    th.script=*) script=${arg#th.script=} ;;
+    th.status=*) status_file=${arg#th.status=} ;;
+    th.rw=*) rw=${arg#th.rw=} ;;
+    esac
+done
+[ -n "$script" ] || fail "no th.script= on the kernel command line"
+
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host /host ||
+    fail "cannot mount the host share (tag host)"
+i=0
+for path in $(echo "$rw" | tr ':' ' '); do
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap "rw$i" "/host$path" ||
+        fail "cannot mount writable share rw$i at $path"
+    i=$((i + 1))
+done
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t devtmpfs devtmpfs /host/dev
+mkdir -p /host/dev/pts /host/dev/shm 2>/dev/null
+mount -t devpts devpts /host/dev/pts
+mount -t tmpfs tmpfs /host/dev/shm
+mount -t tmpfs tmpfs /host/tmp
+mount -t tmpfs tmpfs /host/run
+mount -t hugetlbfs hugetlbfs /host/dev/hugepages 2>/dev/null
+
+[ -c /host/dev/kvm ] || echo "TESTHOST-WARN /dev/kvm missing after loading kvm_amd"
+
+chroot /host /bin/bash "$script"
+status=$?
+echo "TESTHOST-EXIT status=$status"
+[ -n "$status_file" ] && echo "$status" >"/host$status_file"
+sync
+i=0
+for path in $(echo "$rw" | tr ':' ' '); do
+    umount "/host$path" 2>/dev/null
+done
+poweroff -f
