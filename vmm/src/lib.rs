@@ -1,0 +1,1 @@
+//! The VMM library: KVM virtual machine, boot, devices (work in progress).
