@@ -1,0 +1,2 @@
+//! Host memory path benchmark (placeholder while being written).
+fn main() {}

@@ -1,0 +1,479 @@
+//! The hotplug region: one reservation, plugged and unplugged in block-aligned ranges.
+//!
+//! At creation the whole region is reserved with `PROT_NONE | MAP_NORESERVE` (for file
+//! backings the file is mapped `MAP_SHARED` over the reservation, still `PROT_NONE`), so
+//! the host commits nothing. The start address is aligned to the block size, which is at
+//! least the backing's page size.
+//!
+//! - [`MemoryRegion::plug`] makes a range readable and writable (`mprotect`) and, when
+//!   populate is on, faults it in over several threads. If populating fails (out of
+//!   memory, empty hugetlb pool, poisoned page) the range is discarded and protected
+//!   again before the typed error is returned: nothing is left half-plugged.
+//! - [`MemoryRegion::unplug`] first removes access (`mprotect(PROT_NONE)`), then discards
+//!   the memory the right way for the backing. Protecting first closes the window in
+//!   which another thread (a vCPU through KVM) could fault a page back in after the
+//!   discard and leave it committed in an inaccessible range. If the discard fails, the
+//!   range is made accessible again, so a block the device still counts as plugged is
+//!   never inaccessible.
+//!
+//! Offsets are region-relative and equal to file offsets for file backings (which is
+//! what a vhost-user peer needs).
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::ptr::NonNull;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::accounting::{self, AccountingError, MemoryUsage};
+use crate::backing::{Backing, BackingKind, DiscardMethod, Store};
+use crate::error::MemoryBackendError;
+use crate::populate::{self, PopulateOptions, PopulateReport, Target};
+use crate::sys;
+
+const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
+/// How to build a [`MemoryRegion`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionConfig {
+    /// Region size in bytes: a non-zero multiple of `block_size`.
+    pub size: u64,
+    /// Block size: a power of two, at least the backing's page size. The granularity of
+    /// plug and unplug, and the alignment of the host address.
+    pub block_size: u64,
+    /// Where the memory comes from.
+    pub backing: Backing,
+    /// Populate on plug with these options (`None`: plug only changes protection and the
+    /// guest faults pages in on first touch).
+    pub populate: Option<PopulateOptions>,
+    /// Advise transparent huge pages (`MADV_HUGEPAGE`) on private anonymous backing.
+    pub transparent_hugepages: bool,
+}
+
+impl RegionConfig {
+    /// Private anonymous backing with THP advice and without populate.
+    pub fn new(size: u64, block_size: u64) -> Self {
+        Self { size, block_size, backing: Backing::default(), populate: None, transparent_hugepages: true }
+    }
+
+    /// Sets the backing.
+    #[must_use]
+    pub fn with_backing(mut self, backing: Backing) -> Self {
+        self.backing = backing;
+        self
+    }
+
+    /// Turns populate on plug on with `opts`.
+    #[must_use]
+    pub fn with_populate(mut self, opts: PopulateOptions) -> Self {
+        self.populate = Some(opts);
+        self
+    }
+}
+
+/// A reserved hotplug region whose blocks are plugged and unplugged in host memory.
+///
+/// ```
+/// use memory_backend::{MemoryRegion, PopulateOptions, RegionConfig};
+///
+/// let cfg = RegionConfig::new(64 << 20, 2 << 20).with_populate(PopulateOptions::default());
+/// let region = MemoryRegion::new(cfg)?;
+/// region.plug(4 << 20, 8 << 20)?; // accessible and faulted in
+/// assert!(region.usage().unwrap().committed() >= 8 << 20);
+/// region.unplug(4 << 20, 8 << 20)?; // discarded and inaccessible again
+/// # Ok::<(), memory_backend::MemoryBackendError>(())
+/// ```
+#[derive(Debug)]
+pub struct MemoryRegion {
+    base: NonNull<u8>,
+    size: u64,
+    len: usize,
+    block_size: u64,
+    store: Store,
+    populate: Option<PopulateOptions>,
+    transparent_hugepages: bool,
+    /// Serializes plug and unplug: a populate that touches pages must never run while
+    /// another call removes access to them.
+    op_lock: Mutex<()>,
+}
+
+// SAFETY: `MemoryRegion` owns its mapping; the only non-Send/Sync field is `base`, a raw
+// pointer to that mapping. The type never hands out references into the mapping (only
+// the address as a raw pointer, whose users take on the obligations of dereferencing it),
+// and touches the memory itself only in populate under `op_lock`. Every other operation
+// is a system call on an address range, which the kernel serializes per process
+// (mmap lock), so moving the region to another thread or calling `plug`/`unplug` from
+// several threads at once is sound; `op_lock` orders those calls so that a touching
+// populate never runs concurrently with an unplug of the same pages.
+unsafe impl Send for MemoryRegion {}
+// SAFETY: see the `Send` impl: all `&self` methods are syscalls on owned ranges or run
+// under `op_lock`.
+unsafe impl Sync for MemoryRegion {}
+
+impl MemoryRegion {
+    /// Reserves the region and opens its backing.
+    ///
+    /// # Errors
+    ///
+    /// [`MemoryBackendError::InvalidConfig`] for a bad size or block size,
+    /// [`MemoryBackendError::Os`] when opening the backing or mapping fails.
+    pub fn new(cfg: RegionConfig) -> Result<Self, MemoryBackendError> {
+        let invalid = |m: String| Err(MemoryBackendError::InvalidConfig(m));
+        if !cfg.block_size.is_power_of_two() {
+            return invalid(format!("block size {:#x} is not a power of two", cfg.block_size));
+        }
+        if cfg.size == 0 || cfg.size % cfg.block_size != 0 {
+            return invalid(format!(
+                "region size {:#x} is not a non-zero multiple of the block size {:#x}",
+                cfg.size, cfg.block_size
+            ));
+        }
+        let (Ok(len), Ok(align)) = (usize::try_from(cfg.size), usize::try_from(cfg.block_size)) else {
+            return invalid(format!("region size {:#x} does not fit the address space", cfg.size));
+        };
+        let store = Store::open(&cfg.backing, cfg.size)?;
+        let kind = store.kind();
+        if cfg.block_size < kind.page_size() {
+            return invalid(format!(
+                "block size {:#x} is smaller than the page size {:#x} of the {kind} backing",
+                cfg.block_size,
+                kind.page_size()
+            ));
+        }
+        let os = |op| move |source| MemoryBackendError::Os { op, source };
+        let base = sys::reserve_aligned(len, align).map_err(os("mmap(PROT_NONE, MAP_NORESERVE) reservation"))?;
+        let region = Self {
+            base,
+            size: cfg.size,
+            len,
+            block_size: cfg.block_size,
+            store,
+            populate: cfg.populate,
+            transparent_hugepages: cfg.transparent_hugepages,
+            op_lock: Mutex::new(()),
+        };
+        // From here on, dropping `region` unmaps the reservation.
+        if let Some(file) = region.store.file() {
+            // SAFETY: [base, base+len) is the reservation we just made; nothing refers
+            // to it. The file is at least `size` long (Store::open).
+            unsafe { sys::map_fd_fixed(base, len, libc::PROT_NONE, file.as_fd(), 0) }
+                .map_err(os("mmap(MAP_SHARED|MAP_FIXED) of the backing file"))?;
+            if matches!(cfg.backing, Backing::File(_)) {
+                // A region starts fully unplugged: drop what an existing file held.
+                sys::fallocate(file.as_fd(), punch_hole_mode(), 0, cfg.size)
+                    .map_err(os("fallocate(PUNCH_HOLE) of the backing file at creation"))?;
+            }
+        } else {
+            region.advise_thp(base, len);
+        }
+        log::info!(
+            "memory-backend: reserved {:#x} bytes at {:p}, block size {:#x}, backing {kind}",
+            cfg.size,
+            base,
+            cfg.block_size
+        );
+        Ok(region)
+    }
+
+    /// Host virtual address of region offset 0 (for KVM memslots: `userspace_addr`).
+    ///
+    /// Dereferencing it is only valid for plugged ranges, and is the caller's
+    /// responsibility (the region never creates references into its memory).
+    pub fn host_addr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// Region size in bytes (`memory_size` of a memslot covering it all).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Block size in bytes: the plug/unplug granularity.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// The backing's page size.
+    pub fn page_size(&self) -> u64 {
+        self.store.kind().page_size()
+    }
+
+    /// The resolved backing kind.
+    pub fn backing_kind(&self) -> BackingKind {
+        self.store.kind()
+    }
+
+    /// The backing file (memfd or path), whose offsets equal region offsets; `None` for
+    /// private anonymous memory.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.store.file().map(File::as_fd)
+    }
+
+    /// Whether plug populates.
+    pub fn populate_options(&self) -> Option<&PopulateOptions> {
+        self.populate.as_ref()
+    }
+
+    /// Checks a region-relative range and returns its host address and length.
+    ///
+    /// # Errors
+    ///
+    /// [`MemoryBackendError::EmptyRange`], [`MemoryBackendError::RangeOverflow`],
+    /// [`MemoryBackendError::UnalignedRange`] or [`MemoryBackendError::RangeOutsideRegion`].
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<(NonNull<u8>, usize), MemoryBackendError> {
+        if len == 0 {
+            return Err(MemoryBackendError::EmptyRange { offset });
+        }
+        let end = offset.checked_add(len).ok_or(MemoryBackendError::RangeOverflow { offset, len })?;
+        if offset % self.block_size != 0 || len % self.block_size != 0 {
+            return Err(MemoryBackendError::UnalignedRange { offset, len, block_size: self.block_size });
+        }
+        if end > self.size {
+            return Err(MemoryBackendError::RangeOutsideRegion { offset, len, size: self.size });
+        }
+        // Both fit usize because end <= size, which fits usize (checked in new()).
+        let (off, l) = (to_usize(offset), to_usize(len));
+        // base + off stays inside our mapping, so it is non-null and does not wrap.
+        let ptr = NonNull::new(self.base.as_ptr().wrapping_add(off))
+            .ok_or(MemoryBackendError::RangeOverflow { offset, len })?;
+        Ok((ptr, l))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        // The guarded state is the mapping itself, which every operation leaves
+        // consistent or rolls back; a panic elsewhere does not invalidate it.
+        self.op_lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Plugs `[offset, offset+len)`: makes it accessible and, if the region was configured
+    /// to populate, faults it in.
+    ///
+    /// # Errors
+    ///
+    /// Range errors (see [`MemoryRegion::check_range`]); [`MemoryBackendError::OutOfMemory`],
+    /// [`MemoryBackendError::HugetlbPoolExhausted`] or [`MemoryBackendError::HardwarePoison`]
+    /// when populating fails (the range is then unplugged again); `OsRange` otherwise.
+    pub fn plug(&self, offset: u64, len: u64) -> Result<(), MemoryBackendError> {
+        let opts = self.populate.clone();
+        self.plug_with(offset, len, opts.as_ref()).map(|_| ())
+    }
+
+    /// Plugs a range with explicit populate options (`None`: no populate), overriding the
+    /// region's configuration; returns what populate did.
+    ///
+    /// # Errors
+    ///
+    /// As for [`MemoryRegion::plug`].
+    pub fn plug_with(
+        &self,
+        offset: u64,
+        len: u64,
+        populate: Option<&PopulateOptions>,
+    ) -> Result<Option<PopulateReport>, MemoryBackendError> {
+        let (ptr, l) = self.check_range(offset, len)?;
+        let _guard = self.lock();
+        // SAFETY: the range is inside our mapping (check_range) and the region never
+        // creates references into it; making it accessible cannot invalidate anything.
+        unsafe { sys::protect(ptr, l, RW) }.map_err(|source| MemoryBackendError::OsRange {
+            op: "mprotect(PROT_READ|PROT_WRITE)",
+            offset,
+            len,
+            source,
+        })?;
+        let Some(opts) = populate else {
+            return Ok(None);
+        };
+        let target = Target {
+            base: self.base.as_ptr() as usize,
+            page_size: self.page_size(),
+            hugetlb: self.store.kind().hugetlb(),
+            file: self.store.file(),
+        };
+        // SAFETY: the range is inside the region, was just made RW, and stays so until
+        // populate returns because we hold `op_lock`; no references point into it.
+        match unsafe { populate::populate(&target, offset, len, opts) } {
+            Ok(report) => Ok(Some(report)),
+            Err(e) => {
+                log::warn!("memory-backend: populate failed, unplugging the range again: {e}");
+                if let Err(rollback) = self.unplug_locked(offset, len, ptr, l, self.store.kind().default_discard()) {
+                    log::error!("memory-backend: rollback of a failed plug failed: {rollback}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Unplugs `[offset, offset+len)`: removes access, then gives the memory back with
+    /// the backing's discard method (see [`BackingKind::default_discard`]).
+    ///
+    /// # Errors
+    ///
+    /// Range errors (see [`MemoryRegion::check_range`]); `OsRange` when a system call
+    /// fails (the range is then accessible again, as before the call).
+    pub fn unplug(&self, offset: u64, len: u64) -> Result<(), MemoryBackendError> {
+        self.unplug_with(offset, len, self.store.kind().default_discard())
+    }
+
+    /// Unplugs a range with an explicit discard method (for benchmarks and experiments).
+    ///
+    /// # Errors
+    ///
+    /// As for [`MemoryRegion::unplug`], plus [`MemoryBackendError::UnsupportedDiscard`]
+    /// when the method does not free memory of this backing kind.
+    pub fn unplug_with(&self, offset: u64, len: u64, method: DiscardMethod) -> Result<(), MemoryBackendError> {
+        let kind = self.store.kind();
+        if !kind.discard_methods().contains(&method) {
+            return Err(MemoryBackendError::UnsupportedDiscard { method, backing: kind.to_string() });
+        }
+        let (ptr, l) = self.check_range(offset, len)?;
+        let _guard = self.lock();
+        self.unplug_locked(offset, len, ptr, l, method)
+    }
+
+    /// Unplugs the whole region (VM reset).
+    ///
+    /// # Errors
+    ///
+    /// As for [`MemoryRegion::unplug`].
+    pub fn unplug_all(&self) -> Result<(), MemoryBackendError> {
+        self.unplug(0, self.size)
+    }
+
+    /// Unplug with `op_lock` held and the range checked.
+    fn unplug_locked(
+        &self,
+        offset: u64,
+        len: u64,
+        ptr: NonNull<u8>,
+        l: usize,
+        method: DiscardMethod,
+    ) -> Result<(), MemoryBackendError> {
+        let fail = |op| move |source| MemoryBackendError::OsRange { op, offset, len, source };
+        if method == DiscardMethod::MapFixedNone {
+            // SAFETY: the range is inside our private anonymous mapping (check_range,
+            // method checked against the kind) and unreferenced; replacing it with a
+            // fresh PROT_NONE mapping discards and protects in one step.
+            unsafe { sys::map_none_fixed(ptr, l) }.map_err(fail("mmap(MAP_FIXED, PROT_NONE)"))?;
+            self.advise_thp(ptr, l);
+            return Ok(());
+        }
+        // SAFETY: the range is inside our mapping and the region holds no references
+        // into it; the caller (the device) has stopped using the range.
+        unsafe { sys::protect(ptr, l, libc::PROT_NONE) }.map_err(fail("mprotect(PROT_NONE)"))?;
+        let discarded = match (method, self.store.file()) {
+            // SAFETY: as above; discarding the contents of an unplugged range is the point.
+            (DiscardMethod::MadvDontneed, _) => unsafe { sys::advise(ptr, l, libc::MADV_DONTNEED) }
+                .map_err(fail("madvise(MADV_DONTNEED)")),
+            (DiscardMethod::MadvRemove, Some(_)) => {
+                // SAFETY: as above; MADV_REMOVE punches the hole through the shared mapping.
+                let r = unsafe { sys::advise(ptr, l, libc::MADV_REMOVE) };
+                r.map_err(fail("madvise(MADV_REMOVE)"))
+            }
+            (DiscardMethod::PunchHole, Some(file)) => sys::fallocate(file.as_fd(), punch_hole_mode(), offset, len)
+                .map_err(fail("fallocate(PUNCH_HOLE|KEEP_SIZE)")),
+            (m, _) => Err(MemoryBackendError::UnsupportedDiscard { method: m, backing: self.store.kind().to_string() }),
+        };
+        if let Err(e) = discarded {
+            // Still plugged as far as the device knows: make it usable again.
+            // SAFETY: as above; restoring the access the range had before this call.
+            if let Err(restore) = unsafe { sys::protect(ptr, l, RW) } {
+                log::error!("memory-backend: could not restore access after a failed discard: {restore}");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn advise_thp(&self, ptr: NonNull<u8>, l: usize) {
+        if !self.transparent_hugepages || self.store.kind() != BackingKind::PrivateAnonymous {
+            return;
+        }
+        // SAFETY: the range is inside our private anonymous mapping; MADV_HUGEPAGE only
+        // changes how future faults are served, never contents or access.
+        if let Err(e) = unsafe { sys::advise(ptr, l, libc::MADV_HUGEPAGE) } {
+            log::debug!("memory-backend: MADV_HUGEPAGE refused ({e}); continuing with base pages");
+        }
+    }
+
+    /// What the host holds for this region now: smaps figures over the region's address
+    /// range, and the backing file's allocated bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`AccountingError`] when procfs or fstat fail.
+    pub fn usage(&self) -> Result<RegionUsage, AccountingError> {
+        let mapping = accounting::range_usage(self.base.as_ptr() as u64, self.size)?;
+        let file_allocated = match self.fd() {
+            Some(fd) => Some(accounting::file_allocated_bytes(fd)?),
+            None => None,
+        };
+        Ok(RegionUsage { kind: self.store.kind(), mapping, file_allocated })
+    }
+
+    /// Whether no byte of `[offset, offset+len)` is readable, writable or executable
+    /// (from `/proc/self/maps`).
+    ///
+    /// # Errors
+    ///
+    /// [`RangeAccessError::Range`] for an invalid range, [`RangeAccessError::Accounting`]
+    /// when `/proc/self/maps` cannot be read.
+    pub fn is_inaccessible(&self, offset: u64, len: u64) -> Result<bool, RangeAccessError> {
+        self.check_range(offset, len).map_err(RangeAccessError::Range)?;
+        let start = (self.base.as_ptr() as u64).saturating_add(offset);
+        let maps = accounting::range_protections(start, len).map_err(RangeAccessError::Accounting)?;
+        Ok(maps.iter().all(|m| !m.accessible()))
+    }
+}
+
+/// Errors of [`MemoryRegion::is_inaccessible`].
+#[derive(Debug, thiserror::Error)]
+pub enum RangeAccessError {
+    /// The range is invalid.
+    #[error(transparent)]
+    Range(MemoryBackendError),
+    /// `/proc/self/maps` could not be read.
+    #[error(transparent)]
+    Accounting(AccountingError),
+}
+
+impl Drop for MemoryRegion {
+    fn drop(&mut self) {
+        // SAFETY: we own [base, base+len) and `&mut self` proves no other user of the
+        // region is left; the region never handed out references into it.
+        if let Err(e) = unsafe { sys::unmap(self.base, self.len) } {
+            log::error!("memory-backend: munmap of the region failed: {e}");
+        }
+    }
+}
+
+/// A region's memory figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionUsage {
+    /// The backing kind, which decides what [`RegionUsage::committed`] reads.
+    pub kind: BackingKind,
+    /// smaps figures summed over the region's mappings.
+    pub mapping: MemoryUsage,
+    /// The backing file's allocated bytes (`st_blocks * 512`), for file backings.
+    pub file_allocated: Option<u64>,
+}
+
+impl RegionUsage {
+    /// The bytes the host holds for the region: `Anonymous` for private anonymous
+    /// memory; for file backings the larger of the file's allocated bytes (pages that
+    /// stay in a shared file even when unmapped) and what is mapped (`Rss`, or the
+    /// hugetlb figures).
+    pub fn committed(&self) -> u64 {
+        match self.kind {
+            BackingKind::PrivateAnonymous => self.mapping.anonymous,
+            BackingKind::Hugetlb(_) => self.file_allocated.unwrap_or(0).max(self.mapping.hugetlb()),
+            BackingKind::Shmem | BackingKind::RegularFile => self.file_allocated.unwrap_or(0).max(self.mapping.rss),
+        }
+    }
+}
+
+fn punch_hole_mode() -> libc::c_int {
+    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+}
+
+fn to_usize(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
