@@ -1,0 +1,528 @@
+//! The virtio-mem state machine: block state, sizes, and the answer to every request.
+//!
+//! Requests are handled in layers, as the style guide asks: validate (alignment, non-zero,
+//! checked range inside the usable region, current block state) -> act (the backend does
+//! the host work, which may fail) -> commit (bitmap and `plugged_size`) -> respond. Nothing
+//! is committed before the host work succeeded, so a failed request changes nothing.
+//!
+//! Response choice follows the spec and `virtio-mem-notes.md` ("Device rules"): ERROR only
+//! for requests that are invalid by the spec, NACK only for a PLUG beyond
+//! `requested_size`, BUSY only for transient host failure.
+
+use std::ops::Range;
+
+use log::{debug, info, warn};
+
+use crate::backend::{BackendError, BlockBackend};
+use crate::bitmap::BlockBitmap;
+use crate::metrics::Metrics;
+use crate::wire::{
+    BlockState, ConfigSpace, Request, Response, VIRTIO_F_VERSION_1, VIRTIO_MEM_F_ACPI_PXM,
+    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+};
+
+/// Smallest block size the device accepts: the guest's base page size.
+pub const MIN_BLOCK_SIZE: u64 = 4096;
+
+/// Default headroom of the usable region above `requested_size`. Linux plugs in units of
+/// its memory block (128 MiB on x86-64) and may skip a memory block that it cannot fully
+/// use, so two memory blocks of slack let it make progress (QEMU uses the same extent).
+pub const DEFAULT_USABLE_MARGIN: u64 = 256 << 20;
+
+/// Errors of device configuration, resize and feature negotiation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VirtioMemError {
+    /// The block size is not a power of two of at least 4 KiB.
+    #[error("block size {0:#x} is invalid: use a power of two of at least 4 KiB (e.g. 2M)")]
+    InvalidBlockSize(u64),
+    /// The region is empty.
+    #[error("the virtio-mem region is empty: give a region size of at least one block")]
+    EmptyRegion,
+    /// The region start or size is not a multiple of the block size.
+    #[error("region [{addr:#x}, +{size:#x}) is not aligned to the block size {block_size:#x}")]
+    UnalignedRegion {
+        /// Region start.
+        addr: u64,
+        /// Region size.
+        size: u64,
+        /// Block size.
+        block_size: u64,
+    },
+    /// The region wraps around the 64-bit address space.
+    #[error("region [{addr:#x}, +{size:#x}) overflows the 64-bit guest address space")]
+    RegionOverflow {
+        /// Region start.
+        addr: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// A requested size is not a multiple of the block size.
+    #[error("requested size {size:#x} is not a multiple of the block size {block_size:#x}")]
+    UnalignedRequestedSize {
+        /// The size asked for.
+        size: u64,
+        /// Block size.
+        block_size: u64,
+    },
+    /// A requested size is larger than the region.
+    #[error("requested size {size:#x} is larger than the region size {region_size:#x}")]
+    RequestedSizeTooBig {
+        /// The size asked for.
+        size: u64,
+        /// Region size.
+        region_size: u64,
+    },
+    /// The usable-region margin is not a multiple of the block size.
+    #[error(
+        "usable region margin {margin:#x} is not a multiple of the block size {block_size:#x}"
+    )]
+    UnalignedMargin {
+        /// The margin asked for.
+        margin: u64,
+        /// Block size.
+        block_size: u64,
+    },
+    /// The driver accepted features the device never offered.
+    #[error("driver accepted features {unknown:#x} that the device did not offer")]
+    FeatureNotOffered {
+        /// The offending bits.
+        unknown: u64,
+    },
+    /// The driver did not accept `VIRTIO_F_VERSION_1`; legacy drivers are not supported.
+    #[error("driver did not accept VIRTIO_F_VERSION_1: a legacy driver cannot use this device")]
+    Version1Required,
+    /// The driver did not accept `UNPLUGGED_INACCESSIBLE` although the device requires it.
+    #[error(
+        "driver did not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: the guest kernel is too old \
+         (Linux < 5.16); turn the unplugged-inaccessible requirement off to run it"
+    )]
+    UnpluggedInaccessibleRequired,
+    /// The device was used before a queue was activated.
+    #[error("the device has no active queue: the driver has not finished initialisation")]
+    NotActivated,
+    /// The backend failed while unplugging everything at system reset.
+    #[error("system reset could not unplug all memory: {0}")]
+    ResetUnplug(String),
+}
+
+/// The static description of a virtio-mem device, chosen by the operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Guest-physical start of the region.
+    pub addr: u64,
+    /// Size of the region in bytes.
+    pub region_size: u64,
+    /// Block size in bytes: a power of two, at least 4 KiB.
+    pub block_size: u64,
+    /// ACPI proximity domain of the region; offers `VIRTIO_MEM_F_ACPI_PXM` when set.
+    pub node_id: Option<u16>,
+    /// Requested size at start.
+    pub requested_size: u64,
+    /// Offer and require `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE` (default on).
+    pub unplugged_inaccessible: bool,
+    /// Headroom of the usable region above `requested_size`.
+    pub usable_margin: u64,
+}
+
+impl DeviceConfig {
+    /// A configuration with the defaults: no node, nothing requested, unplugged memory
+    /// inaccessible, default usable margin.
+    pub fn new(addr: u64, region_size: u64, block_size: u64) -> Self {
+        DeviceConfig {
+            addr,
+            region_size,
+            block_size,
+            node_id: None,
+            requested_size: 0,
+            unplugged_inaccessible: true,
+            usable_margin: DEFAULT_USABLE_MARGIN,
+        }
+    }
+
+    fn validate(&self) -> Result<(), VirtioMemError> {
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || bs < MIN_BLOCK_SIZE {
+            return Err(VirtioMemError::InvalidBlockSize(bs));
+        }
+        if self.region_size == 0 {
+            return Err(VirtioMemError::EmptyRegion);
+        }
+        if self.addr % bs != 0 || self.region_size % bs != 0 {
+            return Err(VirtioMemError::UnalignedRegion {
+                addr: self.addr,
+                size: self.region_size,
+                block_size: bs,
+            });
+        }
+        if self.addr.checked_add(self.region_size).is_none() {
+            return Err(VirtioMemError::RegionOverflow {
+                addr: self.addr,
+                size: self.region_size,
+            });
+        }
+        if self.usable_margin % bs != 0 {
+            return Err(VirtioMemError::UnalignedMargin {
+                margin: self.usable_margin,
+                block_size: bs,
+            });
+        }
+        check_size(self.requested_size, bs, self.region_size)
+    }
+}
+
+fn check_size(size: u64, block_size: u64, region_size: u64) -> Result<(), VirtioMemError> {
+    if size % block_size != 0 {
+        return Err(VirtioMemError::UnalignedRequestedSize { size, block_size });
+    }
+    if size > region_size {
+        return Err(VirtioMemError::RequestedSizeTooBig { size, region_size });
+    }
+    Ok(())
+}
+
+/// What a resize changed, so the caller knows which notifications are due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResizeOutcome {
+    /// `requested_size` before the call.
+    pub old_requested: u64,
+    /// `usable_region_size` after the call.
+    pub usable_region_size: u64,
+}
+
+/// The device state proper, without queue or interrupt: sizes, block bitmap, features.
+///
+/// Drive it through [`crate::VirtioMem`] (which adds the queue and notifications); the
+/// state is public so tests and the VMM can read it.
+#[derive(Debug)]
+pub struct MemState<B> {
+    cfg: DeviceConfig,
+    usable_region_size: u64,
+    requested_size: u64,
+    bitmap: BlockBitmap,
+    backend: B,
+    acked_features: u64,
+    config_generation: u32,
+    metrics: Metrics,
+}
+
+impl<B: BlockBackend> MemState<B> {
+    /// Validates `cfg` and builds a device with every block unplugged.
+    ///
+    /// # Errors
+    ///
+    /// A [`VirtioMemError`] naming the invalid parameter.
+    pub fn new(cfg: DeviceConfig, backend: B) -> Result<Self, VirtioMemError> {
+        cfg.validate()?;
+        let nr_blocks = cfg.region_size / cfg.block_size;
+        let mut state = MemState {
+            usable_region_size: 0,
+            requested_size: cfg.requested_size,
+            bitmap: BlockBitmap::new(nr_blocks),
+            backend,
+            acked_features: 0,
+            config_generation: 0,
+            metrics: Metrics::default(),
+            cfg,
+        };
+        state.usable_region_size = state.usable_target();
+        Ok(state)
+    }
+
+    /// The usable region size that covers `requested_size` plus the margin.
+    fn usable_target(&self) -> u64 {
+        // Both terms are at most region_size + margin, and the sum saturates rather than
+        // wraps; the result is a multiple of block_size because both terms are.
+        self.requested_size
+            .saturating_add(self.cfg.usable_margin)
+            .min(self.cfg.region_size)
+    }
+
+    /// The static configuration.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.cfg
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.cfg.block_size
+    }
+
+    /// Size of the part of the region the driver may plug into.
+    pub fn usable_region_size(&self) -> u64 {
+        self.usable_region_size
+    }
+
+    /// Bytes currently plugged.
+    pub fn plugged_size(&self) -> u64 {
+        // Cannot overflow: plugged blocks * block_size <= region_size, a u64.
+        self.bitmap.plugged() * self.cfg.block_size
+    }
+
+    /// The size the host asks the driver to plug.
+    pub fn requested_size(&self) -> u64 {
+        self.requested_size
+    }
+
+    /// The block bitmap (read-only).
+    pub fn bitmap(&self) -> &BlockBitmap {
+        &self.bitmap
+    }
+
+    /// The backend (read-only), e.g. to read its host memory figures.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, for the owner's bookkeeping.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Request and response counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(crate) fn metrics_mut(&mut self) -> &mut Metrics {
+        &mut self.metrics
+    }
+
+    /// A counter that changes whenever any configuration field changes; the transport
+    /// exposes it as its config generation so the driver can read 64-bit fields safely.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
+    fn bump_generation(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+
+    /// The configuration space as the driver sees it now.
+    pub fn config_space(&self) -> ConfigSpace {
+        ConfigSpace {
+            block_size: self.cfg.block_size.into(),
+            node_id: self.cfg.node_id.unwrap_or(0).into(),
+            padding: [0; 6],
+            addr: self.cfg.addr.into(),
+            region_size: self.cfg.region_size.into(),
+            usable_region_size: self.usable_region_size.into(),
+            plugged_size: self.plugged_size().into(),
+            requested_size: self.requested_size.into(),
+        }
+    }
+
+    /// Features the device offers: `VIRTIO_F_VERSION_1`, `ACPI_PXM` when a node is set,
+    /// `UNPLUGGED_INACCESSIBLE` unless turned off.
+    pub fn device_features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_F_VERSION_1;
+        if self.cfg.node_id.is_some() {
+            f |= 1 << VIRTIO_MEM_F_ACPI_PXM;
+        }
+        if self.cfg.unplugged_inaccessible {
+            f |= 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
+        }
+        f
+    }
+
+    /// Features the driver accepted (valid after [`MemState::ack_features`]).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Checks and records the driver's features (the transport calls this when the driver
+    /// sets FEATURES_OK; an error means FEATURES_OK must not be set).
+    ///
+    /// # Errors
+    ///
+    /// [`VirtioMemError::FeatureNotOffered`], [`VirtioMemError::Version1Required`] or
+    /// [`VirtioMemError::UnpluggedInaccessibleRequired`].
+    pub fn ack_features(&mut self, driver: u64) -> Result<(), VirtioMemError> {
+        let unknown = driver & !self.device_features();
+        if unknown != 0 {
+            return Err(VirtioMemError::FeatureNotOffered { unknown });
+        }
+        if driver & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(VirtioMemError::Version1Required);
+        }
+        // With the flag offered, unplugged memory really is unreachable (no memslot, no
+        // mapping): a driver that might read it (e.g. for a dump) must not run.
+        if self.cfg.unplugged_inaccessible
+            && driver & (1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE) == 0
+        {
+            return Err(VirtioMemError::UnpluggedInaccessibleRequired);
+        }
+        self.acked_features = driver;
+        Ok(())
+    }
+
+    /// Sets the size the driver should plug. Grows the usable region if needed (never
+    /// shrinks it) and bumps the config generation. The caller must send the
+    /// config-change notification ([`crate::VirtioMem::set_requested_size`] does).
+    ///
+    /// # Errors
+    ///
+    /// [`VirtioMemError::UnalignedRequestedSize`] or [`VirtioMemError::RequestedSizeTooBig`];
+    /// nothing changes then.
+    pub fn set_requested_size(&mut self, size: u64) -> Result<ResizeOutcome, VirtioMemError> {
+        check_size(size, self.cfg.block_size, self.cfg.region_size)?;
+        let old_requested = self.requested_size;
+        self.requested_size = size;
+        self.usable_region_size = self.usable_region_size.max(self.usable_target());
+        self.bump_generation();
+        info!(
+            "virtio-mem: requested size {:#x} -> {:#x} (plugged {:#x}, usable {:#x})",
+            old_requested,
+            size,
+            self.plugged_size(),
+            self.usable_region_size
+        );
+        Ok(ResizeOutcome {
+            old_requested,
+            usable_region_size: self.usable_region_size,
+        })
+    }
+
+    /// The block range of a request, or `None` if the spec makes it invalid: unaligned
+    /// address, zero blocks, or any part outside `[addr, addr + usable_region_size)`.
+    fn block_range(&self, addr: u64, nb_blocks: u16) -> Option<Range<u64>> {
+        let bs = self.cfg.block_size;
+        if nb_blocks == 0 {
+            return None;
+        }
+        let offset = addr.checked_sub(self.cfg.addr)?;
+        if offset % bs != 0 {
+            return None;
+        }
+        let len = u64::from(nb_blocks).checked_mul(bs)?;
+        let end = offset.checked_add(len)?;
+        if end > self.usable_region_size {
+            return None;
+        }
+        let first = offset / bs;
+        Some(first..first + u64::from(nb_blocks))
+    }
+
+    fn range_addr(&self, blocks: &Range<u64>) -> (u64, u64) {
+        // Cannot overflow: blocks lie inside the region, whose end fits in u64 (validated).
+        let bs = self.cfg.block_size;
+        (
+            self.cfg.addr + blocks.start * bs,
+            (blocks.end - blocks.start) * bs,
+        )
+    }
+
+    /// Answers one request. Counts it in the metrics.
+    pub fn handle(&mut self, req: Request) -> Response {
+        let resp = match req {
+            Request::Plug { addr, nb_blocks } => self.plug(addr, nb_blocks),
+            Request::Unplug { addr, nb_blocks } => self.unplug(addr, nb_blocks),
+            Request::UnplugAll => self.unplug_all(),
+            Request::State { addr, nb_blocks } => match self.block_range(addr, nb_blocks) {
+                Some(r) => Response::Ack(self.bitmap.state(r)),
+                None => Response::Error,
+            },
+            Request::Unsupported(_) => Response::Error,
+        };
+        self.metrics.count(&req, resp);
+        resp
+    }
+
+    fn plug(&mut self, addr: u64, nb_blocks: u16) -> Response {
+        let Some(blocks) = self.block_range(addr, nb_blocks) else {
+            return Response::Error;
+        };
+        if self.bitmap.state(blocks.clone()) != Some(BlockState::Unplugged) {
+            return Response::Error;
+        }
+        let (gpa, len) = self.range_addr(&blocks);
+        // plugged_size + len cannot overflow (both <= region_size), but stay checked.
+        match self.plugged_size().checked_add(len) {
+            Some(total) if total <= self.requested_size => {}
+            _ => return Response::Nack,
+        }
+        match self.backend.plug(gpa, len) {
+            Ok(()) => {
+                self.bitmap.set_range(blocks, true);
+                self.bump_generation();
+                Response::Ack(None)
+            }
+            Err(e) => self.backend_failed(e),
+        }
+    }
+
+    fn unplug(&mut self, addr: u64, nb_blocks: u16) -> Response {
+        let Some(blocks) = self.block_range(addr, nb_blocks) else {
+            return Response::Error;
+        };
+        if self.bitmap.state(blocks.clone()) != Some(BlockState::Plugged) {
+            return Response::Error;
+        }
+        let (gpa, len) = self.range_addr(&blocks);
+        match self.backend.unplug(gpa, len) {
+            Ok(()) => {
+                self.bitmap.set_range(blocks, false);
+                self.bump_generation();
+                Response::Ack(None)
+            }
+            Err(e) => self.backend_failed(e),
+        }
+    }
+
+    fn backend_failed(&mut self, e: BackendError) -> Response {
+        self.metrics.backend_failures += 1;
+        warn!("virtio-mem: answering BUSY: {e}");
+        Response::Busy
+    }
+
+    /// Unplugs every plugged run through the backend. Runs that were released are
+    /// committed even if a later one fails, so `plugged_size` always matches the host.
+    fn unplug_runs(&mut self) -> Result<(), BackendError> {
+        for run in self.bitmap.plugged_runs() {
+            let (gpa, len) = self.range_addr(&run);
+            self.backend.unplug(gpa, len)?;
+            self.bitmap.set_range(run, false);
+            self.bump_generation();
+        }
+        Ok(())
+    }
+
+    fn unplug_all(&mut self) -> Response {
+        if let Err(e) = self.unplug_runs() {
+            return self.backend_failed(e);
+        }
+        // The spec lets the usable region shrink here, without a notification; it never
+        // goes below what requested_size needs.
+        let target = self.usable_target();
+        if target != self.usable_region_size {
+            self.usable_region_size = target;
+            self.bump_generation();
+        }
+        Response::Ack(None)
+    }
+
+    /// Device reset (driver re-probe, kdump kernel): forgets the negotiated features but
+    /// keeps block state and contents, as the spec requires.
+    pub fn device_reset(&mut self) {
+        debug!(
+            "virtio-mem: device reset, keeping {:#x} plugged",
+            self.plugged_size()
+        );
+        self.acked_features = 0;
+    }
+
+    /// System reset (VM reboot): unplugs everything so the rebooted guest starts at 0
+    /// plugged, keeps `requested_size`, and shrinks the usable region to fit it.
+    ///
+    /// # Errors
+    ///
+    /// [`VirtioMemError::ResetUnplug`] if the backend could not release some memory; the
+    /// bitmap then still shows what stayed plugged.
+    pub fn system_reset(&mut self) -> Result<(), VirtioMemError> {
+        self.device_reset();
+        self.unplug_runs()
+            .map_err(|e| VirtioMemError::ResetUnplug(e.to_string()))?;
+        self.usable_region_size = self.usable_target();
+        self.bump_generation();
+        Ok(())
+    }
+}

@@ -1,0 +1,359 @@
+//! The device with its request queue: pop a chain, parse, act, write the response, add
+//! used, signal.
+//!
+//! A chain is a request when it has device-readable descriptors holding at least 24 bytes
+//! followed by device-writable descriptors holding at least 10 bytes, all inside guest
+//! memory, none empty, at most [`MAX_CHAIN_DESCRIPTORS`] long. Framing is free (the spec
+//! forbids devices to assume it), so a request split over several buffers is fine. A
+//! malformed chain never panics: it is answered ERROR when a writable buffer of at least 10
+//! bytes exists in guest memory, and otherwise completed with used length 0. Either way it
+//! is returned to the driver, counted, and logged rate-limited.
+
+use std::time::Duration;
+
+use log::{error, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::backend::{BlockBackend, Interrupt};
+use crate::device::{DeviceConfig, MemState, ResizeOutcome, VirtioMemError};
+use crate::metrics::RateLimit;
+use crate::wire::{RawRequest, RawResponse, Request, Response, REQUEST_SIZE, RESPONSE_SIZE};
+
+/// Longest descriptor chain accepted. Linux sends two descriptors per request; anything
+/// far longer is a broken or hostile driver.
+pub const MAX_CHAIN_DESCRIPTORS: usize = 16;
+
+/// Used length of an answered request: the response size.
+const RESPONSE_LEN: u32 = 10;
+const _: () = assert!(RESPONSE_LEN as usize == RESPONSE_SIZE);
+
+/// Size of the request queue the device offers.
+pub const QUEUE_MAX_SIZE: u16 = 128;
+
+/// Why a chain is not a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MalformedChain {
+    /// More than [`MAX_CHAIN_DESCRIPTORS`] descriptors.
+    TooManyDescriptors,
+    /// A device-readable descriptor after a device-writable one.
+    WrongDirection,
+    /// A descriptor of length 0.
+    ZeroLength,
+    /// A buffer outside guest memory.
+    OutsideGuestMemory,
+    /// Fewer than 24 readable bytes.
+    RequestTooShort,
+    /// Fewer than 10 writable bytes.
+    NoResponseBuffer,
+}
+
+/// The outcome of handling one chain, for tests and tracing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Head index of the chain.
+    pub head: u16,
+    /// The parsed request, or why the chain was malformed.
+    pub request: Result<Request, MalformedChain>,
+    /// The response written, if any.
+    pub response: Option<Response>,
+    /// The used length reported to the driver.
+    pub used_len: u32,
+}
+
+/// A chain split into its request bytes and its response buffers.
+struct ParsedChain {
+    readable: Vec<(GuestAddress, u32)>,
+    writable: Vec<(GuestAddress, u32)>,
+    error: Option<MalformedChain>,
+}
+
+fn parse_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>) -> ParsedChain {
+    let mut parsed = ParsedChain {
+        readable: Vec::with_capacity(1),
+        writable: Vec::with_capacity(1),
+        error: None,
+    };
+    let set_error = |p: &mut ParsedChain, e| {
+        p.error.get_or_insert(e);
+    };
+    // The chain iterator itself stops after queue-size descriptors (loops included); the
+    // extra `take` makes the bound ours.
+    for (i, desc) in chain.take(MAX_CHAIN_DESCRIPTORS + 1).enumerate() {
+        if i == MAX_CHAIN_DESCRIPTORS {
+            set_error(&mut parsed, MalformedChain::TooManyDescriptors);
+            break;
+        }
+        let len = desc.len();
+        let in_memory = usize::try_from(len)
+            .map(|l| mem.check_range(desc.addr(), l, Permissions::ReadWrite))
+            .unwrap_or(false);
+        if len == 0 {
+            set_error(&mut parsed, MalformedChain::ZeroLength);
+            continue;
+        }
+        if !in_memory {
+            set_error(&mut parsed, MalformedChain::OutsideGuestMemory);
+            continue;
+        }
+        if desc.is_write_only() {
+            parsed.writable.push((desc.addr(), len));
+        } else if parsed.writable.is_empty() {
+            parsed.readable.push((desc.addr(), len));
+        } else {
+            set_error(&mut parsed, MalformedChain::WrongDirection);
+        }
+    }
+    let total = |bufs: &[(GuestAddress, u32)]| bufs.iter().map(|&(_, l)| u64::from(l)).sum::<u64>();
+    if total(&parsed.readable) < REQUEST_SIZE as u64 {
+        set_error(&mut parsed, MalformedChain::RequestTooShort);
+    }
+    if total(&parsed.writable) < RESPONSE_SIZE as u64 {
+        set_error(&mut parsed, MalformedChain::NoResponseBuffer);
+    }
+    parsed
+}
+
+/// Copies `out.len()` bytes from the buffers, in order. `false` if guest memory failed.
+fn gather<M: GuestMemory>(mem: &M, bufs: &[(GuestAddress, u32)], out: &mut [u8]) -> bool {
+    let mut done = 0;
+    for &(addr, len) in bufs {
+        if done == out.len() {
+            break;
+        }
+        let n = (out.len() - done).min(usize::try_from(len).unwrap_or(usize::MAX));
+        if mem.read_slice(&mut out[done..done + n], addr).is_err() {
+            return false;
+        }
+        done += n;
+    }
+    done == out.len()
+}
+
+/// Writes `data` across the buffers, in order. `false` if they are too small or guest
+/// memory failed.
+fn scatter<M: GuestMemory>(mem: &M, bufs: &[(GuestAddress, u32)], data: &[u8]) -> bool {
+    let mut done = 0;
+    for &(addr, len) in bufs {
+        if done == data.len() {
+            break;
+        }
+        let n = (data.len() - done).min(usize::try_from(len).unwrap_or(usize::MAX));
+        if mem.write_slice(&data[done..done + n], addr).is_err() {
+            return false;
+        }
+        done += n;
+    }
+    done == data.len()
+}
+
+/// A virtio-mem device: the state machine, its request queue and its interrupt line.
+///
+/// # Example
+///
+/// ```
+/// use virtio_mem::{DeviceConfig, VirtioMem};
+/// use virtio_mem::test_utils::{RecordingBackend, CountingInterrupt};
+///
+/// let cfg = DeviceConfig::new(4 << 30, 1 << 30, 2 << 20);
+/// let mut dev = VirtioMem::new(cfg, RecordingBackend::default(), CountingInterrupt::default())
+///     .unwrap();
+/// dev.set_requested_size(256 << 20).unwrap();
+/// assert_eq!(dev.state().requested_size(), 256 << 20);
+/// assert_eq!(dev.interrupt().config_changes(), 1);
+/// ```
+#[derive(Debug)]
+pub struct VirtioMem<B, I> {
+    state: MemState<B>,
+    queue: Option<Queue>,
+    interrupt: I,
+    malformed_log: RateLimit,
+}
+
+impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
+    /// Builds the device. It has no queue until [`VirtioMem::activate`].
+    ///
+    /// # Errors
+    ///
+    /// A [`VirtioMemError`] naming the invalid configuration parameter.
+    pub fn new(cfg: DeviceConfig, backend: B, interrupt: I) -> Result<Self, VirtioMemError> {
+        Ok(VirtioMem {
+            state: MemState::new(cfg, backend)?,
+            queue: None,
+            interrupt,
+            malformed_log: RateLimit::new(Duration::from_secs(5), 10),
+        })
+    }
+
+    /// The device state (sizes, bitmap, features, metrics).
+    pub fn state(&self) -> &MemState<B> {
+        &self.state
+    }
+
+    /// The device state, mutable: feature negotiation and backend bookkeeping.
+    pub fn state_mut(&mut self) -> &mut MemState<B> {
+        &mut self.state
+    }
+
+    /// The interrupt line.
+    pub fn interrupt(&self) -> &I {
+        &self.interrupt
+    }
+
+    /// Whether the driver activated the queue.
+    pub fn is_activated(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// Reads the configuration space at `offset` into `data`. Bytes past the end read as
+    /// zero, as the transport must never fault on a config read.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let space = self.state.config_space();
+        let bytes = space.as_slice();
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start >= bytes.len() {
+            return;
+        }
+        let n = data.len().min(bytes.len() - start);
+        data[..n].copy_from_slice(&bytes[start..start + n]);
+    }
+
+    /// Starts processing requests on `queue` (the driver set DRIVER_OK).
+    pub fn activate(&mut self, queue: Queue) {
+        self.queue = Some(queue);
+    }
+
+    /// Changes the requested size, grows the usable region if needed, bumps the config
+    /// generation and raises the config-change interrupt. The interrupt is sent even when
+    /// the size is unchanged: that makes the Linux driver retry a stalled unplug now
+    /// instead of after its retry timer.
+    ///
+    /// # Errors
+    ///
+    /// [`VirtioMemError::UnalignedRequestedSize`] or [`VirtioMemError::RequestedSizeTooBig`];
+    /// nothing changes then.
+    pub fn set_requested_size(&mut self, size: u64) -> Result<ResizeOutcome, VirtioMemError> {
+        let outcome = self.state.set_requested_size(size)?;
+        self.notify_config_change();
+        Ok(outcome)
+    }
+
+    fn notify_config_change(&mut self) {
+        if let Err(e) = self.interrupt.signal_config_change() {
+            self.state.metrics_mut().queue_errors += 1;
+            error!("virtio-mem: cannot signal config change to the guest: {e}");
+        }
+    }
+
+    /// Device reset: drops the queue and negotiated features, keeps blocks plugged.
+    pub fn reset(&mut self) {
+        self.queue = None;
+        self.state.device_reset();
+    }
+
+    /// System reset (VM reboot): device reset plus unplug of everything.
+    ///
+    /// # Errors
+    ///
+    /// [`VirtioMemError::ResetUnplug`] if the backend failed to release memory.
+    pub fn system_reset(&mut self) -> Result<(), VirtioMemError> {
+        self.queue = None;
+        self.state.system_reset()
+    }
+
+    /// Handles every available request, then signals the driver if it wants to be told.
+    /// Returns what happened to each chain, in order.
+    ///
+    /// # Errors
+    ///
+    /// [`VirtioMemError::NotActivated`] when there is no queue. Queue-level failures
+    /// (a corrupt available ring) are logged and counted, and stop this round.
+    pub fn process_queue<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+    ) -> Result<Vec<Completion>, VirtioMemError> {
+        let mut queue = self.queue.take().ok_or(VirtioMemError::NotActivated)?;
+        let completions = self.drain(&mut queue, mem);
+        if !completions.is_empty() {
+            match queue.needs_notification(mem) {
+                Ok(true) => {
+                    if let Err(e) = self.interrupt.signal_used_queue() {
+                        self.state.metrics_mut().queue_errors += 1;
+                        error!("virtio-mem: cannot signal used buffers to the guest: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.state.metrics_mut().queue_errors += 1;
+                    error!("virtio-mem: cannot read the used event index: {e}");
+                }
+            }
+        }
+        self.queue = Some(queue);
+        Ok(completions)
+    }
+
+    fn drain<M: GuestMemory>(&mut self, queue: &mut Queue, mem: &M) -> Vec<Completion> {
+        let mut completions = Vec::new();
+        // One round handles at most one ring's worth: a driver that refills as fast as we
+        // consume cannot keep this thread here forever; it gets the next round.
+        let budget = usize::from(queue.size().max(1));
+        while completions.len() < budget {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let completion = self.handle_chain(mem, chain);
+            if let Err(e) = queue.add_used(mem, head, completion.used_len) {
+                self.state.metrics_mut().queue_errors += 1;
+                error!("virtio-mem: cannot add used element for chain {head}: {e}");
+                break;
+            }
+            completions.push(completion);
+        }
+        completions
+    }
+
+    fn handle_chain<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> Completion {
+        let head = chain.head_index();
+        let parsed = parse_chain(mem, chain);
+        let mut raw = RawRequest::default();
+        let request = match parsed.error {
+            Some(e) => Err(e),
+            None if !gather(mem, &parsed.readable, raw.as_mut_slice()) => {
+                Err(MalformedChain::OutsideGuestMemory)
+            }
+            None => Ok(Request::from(raw)),
+        };
+        let response = match request {
+            Ok(req) => self.state.handle(req),
+            Err(why) => {
+                self.state.metrics_mut().malformed_chains += 1;
+                if let Some(dropped) = self.malformed_log.allow() {
+                    warn!(
+                        "virtio-mem: malformed request chain {head}: {why:?} \
+                         ({dropped} similar messages suppressed)"
+                    );
+                }
+                Response::Error
+            }
+        };
+        let bytes = RawResponse::from(response);
+        let written = parsed
+            .writable
+            .iter()
+            .map(|&(_, l)| u64::from(l))
+            .sum::<u64>()
+            >= RESPONSE_SIZE as u64
+            && scatter(mem, &parsed.writable, bytes.as_slice());
+        Completion {
+            head,
+            request,
+            response: written.then_some(response),
+            used_len: if written { RESPONSE_LEN } else { 0 },
+        }
+    }
+}
