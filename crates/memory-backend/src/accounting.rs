@@ -117,7 +117,10 @@ pub fn process_usage() -> Result<MemoryUsage, AccountingError> {
         }
     }
     if !seen_rss {
-        return Err(AccountingError::Parse { path: SMAPS_ROLLUP, line: text.lines().next().unwrap_or("").into() });
+        return Err(AccountingError::Parse {
+            path: SMAPS_ROLLUP,
+            line: text.lines().next().unwrap_or("").into(),
+        });
     }
     Ok(usage)
 }
@@ -177,10 +180,17 @@ pub fn range_protections(addr: u64, len: u64) -> Result<Vec<MappingProtection>, 
     let mut out = Vec::new();
     for line in text.lines() {
         let Some((s, e, perms)) = parse_header(line) else {
-            return Err(AccountingError::Parse { path: MAPS, line: line.into() });
+            return Err(AccountingError::Parse {
+                path: MAPS,
+                line: line.into(),
+            });
         };
         if s < end && addr < e {
-            out.push(MappingProtection { start: s.max(addr), end: e.min(end), perms: perms.into() });
+            out.push(MappingProtection {
+                start: s.max(addr),
+                end: e.min(end),
+                perms: perms.into(),
+            });
         }
     }
     Ok(out)
@@ -199,7 +209,10 @@ pub fn thp_size() -> Result<u64, AccountingError> {
         .parse::<u64>()
         .ok()
         .filter(|v| v.is_power_of_two())
-        .ok_or_else(|| AccountingError::Parse { path: THP_SIZE, line: text.trim().into() })
+        .ok_or_else(|| AccountingError::Parse {
+            path: THP_SIZE,
+            line: text.trim().into(),
+        })
 }
 
 /// The host's base page size in bytes.
@@ -242,7 +255,10 @@ pub fn host_available() -> Result<(u64, u64), AccountingError> {
     }
     match (avail, free_huge, huge_size) {
         (Some(a), Some(f), Some(h)) => Ok((a, f.saturating_mul(h))),
-        _ => Err(AccountingError::Parse { path: MEMINFO, line: "MemAvailable/HugePages_Free/Hugepagesize".into() }),
+        _ => Err(AccountingError::Parse {
+            path: MEMINFO,
+            line: "MemAvailable/HugePages_Free/Hugepagesize".into(),
+        }),
     }
 }
 
@@ -252,7 +268,10 @@ mod tests {
 
     #[test]
     fn parses_kb_fields() {
-        assert_eq!(parse_kb_field("Rss:                1712 kB"), Some(("Rss", 1712 * 1024)));
+        assert_eq!(
+            parse_kb_field("Rss:                1712 kB"),
+            Some(("Rss", 1712 * 1024))
+        );
         assert_eq!(parse_kb_field("THPeligible:    0"), None);
         assert_eq!(parse_kb_field("VmFlags: rd wr mr"), None);
     }
@@ -260,7 +279,10 @@ mod tests {
     #[test]
     fn parses_headers() {
         let h = "7f0000000000-7f0000200000 rw-p 00000000 00:00 0 ";
-        assert_eq!(parse_header(h), Some((0x7f00_0000_0000, 0x7f00_0020_0000, "rw-p")));
+        assert_eq!(
+            parse_header(h),
+            Some((0x7f00_0000_0000, 0x7f00_0020_0000, "rw-p"))
+        );
         assert_eq!(parse_header("Rss: 4 kB"), None);
     }
 

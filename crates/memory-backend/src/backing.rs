@@ -51,7 +51,10 @@ impl HugePageSize {
     /// The sysfs directory of this size's pool, e.g.
     /// `/sys/kernel/mm/hugepages/hugepages-2048kB`.
     pub fn sysfs_dir(self) -> String {
-        format!("/sys/kernel/mm/hugepages/hugepages-{}kB", self.bytes() >> 10)
+        format!(
+            "/sys/kernel/mm/hugepages/hugepages-{}kB",
+            self.bytes() >> 10
+        )
     }
 
     /// The file that sets the pool size for this page size.
@@ -104,8 +107,9 @@ pub enum BackingKind {
     /// Shared memory (memfd or a tmpfs file): shows as the file's allocated blocks and as
     /// mapped `Rss` (`Pss_Shmem` in smaps_rollup).
     Shmem,
-    /// Hugetlb (memfd or a hugetlbfs file): shows as the file's allocated blocks and as
-    /// `Shared_Hugetlb`, and in the pool's free count.
+    /// Hugetlb (memfd or a hugetlbfs file): shows as the file's allocated blocks, as
+    /// `Private_Hugetlb` in smaps (`Shared_Hugetlb` once another process maps the page
+    /// too) and in the pool's free count.
     Hugetlb(HugePageSize),
     /// A regular file: shows as the file's allocated blocks and as mapped `Rss`.
     RegularFile,
@@ -127,7 +131,8 @@ impl BackingKind {
 
     /// The page size of the backing: the hugetlb size or the base page size.
     pub fn page_size(self) -> u64 {
-        self.hugetlb().map_or_else(sys::base_page_size, HugePageSize::bytes)
+        self.hugetlb()
+            .map_or_else(sys::base_page_size, HugePageSize::bytes)
     }
 
     /// The discard method [`MemoryRegion::unplug`](crate::MemoryRegion::unplug) uses.

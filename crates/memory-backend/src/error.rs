@@ -38,7 +38,9 @@ pub enum MemoryBackendError {
         len: u64,
     },
     /// The range ends past the end of the region.
-    #[error("range at region offset {offset:#x} length {len:#x} leaves the region of size {size:#x}")]
+    #[error(
+        "range at region offset {offset:#x} length {len:#x} leaves the region of size {size:#x}"
+    )]
     RangeOutsideRegion {
         /// Region-relative start of the range.
         offset: u64,
@@ -126,7 +128,9 @@ impl MemoryBackendError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::OutOfMemory { .. } | Self::HugetlbPoolExhausted { .. } | Self::HardwarePoison { .. }
+            Self::OutOfMemory { .. }
+                | Self::HugetlbPoolExhausted { .. }
+                | Self::HardwarePoison { .. }
         )
     }
 }
@@ -147,10 +151,19 @@ pub(crate) fn classify_populate_error(
     match (source.raw_os_error(), hugetlb) {
         (Some(libc::EHWPOISON), _) => MemoryBackendError::HardwarePoison { offset, len },
         (Some(libc::EFAULT | libc::ENOSPC | libc::ENOMEM), Some(page_size)) => {
-            MemoryBackendError::HugetlbPoolExhausted { page_size, offset, len }
+            MemoryBackendError::HugetlbPoolExhausted {
+                page_size,
+                offset,
+                len,
+            }
         }
         (Some(libc::ENOMEM), None) => MemoryBackendError::OutOfMemory { offset, len },
-        _ => MemoryBackendError::OsRange { op, offset, len, source },
+        _ => MemoryBackendError::OsRange {
+            op,
+            offset,
+            len,
+            source,
+        },
     }
 }
 
@@ -165,7 +178,13 @@ mod tests {
     #[test]
     fn enomem_is_out_of_memory() {
         let e = classify_populate_error("populate", err(libc::ENOMEM), None, 0, 4096);
-        assert!(matches!(e, MemoryBackendError::OutOfMemory { offset: 0, len: 4096 }));
+        assert!(matches!(
+            e,
+            MemoryBackendError::OutOfMemory {
+                offset: 0,
+                len: 4096
+            }
+        ));
         assert!(e.is_transient());
     }
 
@@ -173,25 +192,49 @@ mod tests {
     fn ehwpoison_is_hardware_poison() {
         for huge in [None, Some(HugePageSize::Size2M)] {
             let e = classify_populate_error("populate", err(libc::EHWPOISON), huge, 8192, 4096);
-            assert!(matches!(e, MemoryBackendError::HardwarePoison { offset: 8192, len: 4096 }));
+            assert!(matches!(
+                e,
+                MemoryBackendError::HardwarePoison {
+                    offset: 8192,
+                    len: 4096
+                }
+            ));
         }
     }
 
     #[test]
     fn hugetlb_fault_or_nospace_is_pool_exhausted() {
         for errno in [libc::EFAULT, libc::ENOSPC, libc::ENOMEM] {
-            let e = classify_populate_error("populate", err(errno), Some(HugePageSize::Size1G), 0, 1 << 30);
+            let e = classify_populate_error(
+                "populate",
+                err(errno),
+                Some(HugePageSize::Size1G),
+                0,
+                1 << 30,
+            );
             assert!(matches!(
                 e,
-                MemoryBackendError::HugetlbPoolExhausted { page_size: HugePageSize::Size1G, .. }
+                MemoryBackendError::HugetlbPoolExhausted {
+                    page_size: HugePageSize::Size1G,
+                    ..
+                }
             ));
-            assert!(e.to_string().contains("hugepages-1048576kB/nr_hugepages"), "{e}");
+            assert!(
+                e.to_string().contains("hugepages-1048576kB/nr_hugepages"),
+                "{e}"
+            );
         }
     }
 
     #[test]
     fn other_errors_keep_op_and_errno() {
-        let e = classify_populate_error("madvise(MADV_POPULATE_WRITE)", err(libc::EFAULT), None, 0, 4096);
+        let e = classify_populate_error(
+            "madvise(MADV_POPULATE_WRITE)",
+            err(libc::EFAULT),
+            None,
+            0,
+            4096,
+        );
         assert_eq!(e.errno(), Some(libc::EFAULT));
         assert!(!e.is_transient());
         assert!(e.to_string().contains("MADV_POPULATE_WRITE"), "{e}");

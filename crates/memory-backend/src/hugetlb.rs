@@ -35,9 +35,12 @@ impl PoolStatus {
 fn read_counter(size: HugePageSize, name: &str) -> io::Result<u64> {
     let path = format!("{}/{name}", size.sysfs_dir());
     let text = std::fs::read_to_string(&path)?;
-    text.trim()
-        .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: not a number: {text:?}")))
+    text.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path}: not a number: {text:?}"),
+        )
+    })
 }
 
 /// Reads the pool of `size`.
@@ -81,7 +84,10 @@ impl PoolGuard {
     /// kernel could not allocate enough pages (the old size is restored first).
     pub fn ensure_available(size: HugePageSize, pages: u64) -> io::Result<Self> {
         let st = pool_status(size)?;
-        let guard = Self { size, original: st.total };
+        let guard = Self {
+            size,
+            original: st.total,
+        };
         let missing = pages.saturating_sub(st.available());
         if missing > 0 {
             set_pool_size(size, st.total + missing)?;
@@ -90,7 +96,10 @@ impl PoolGuard {
         if now.available() < pages {
             return Err(io::Error::new(
                 io::ErrorKind::OutOfMemory,
-                format!("asked for {pages} free {size} hugetlb pages, the kernel could only provide {}", now.available()),
+                format!(
+                    "asked for {pages} free {size} hugetlb pages, the kernel could only provide {}",
+                    now.available()
+                ),
             ));
         }
         Ok(guard)
@@ -104,7 +113,10 @@ impl PoolGuard {
     /// As for [`PoolGuard::ensure_available`].
     pub fn exactly_available(size: HugePageSize, pages: u64) -> io::Result<Self> {
         let st = pool_status(size)?;
-        let guard = Self { size, original: st.total };
+        let guard = Self {
+            size,
+            original: st.total,
+        };
         let in_use_or_reserved = st.total.saturating_sub(st.available());
         set_pool_size(size, in_use_or_reserved + pages)?;
         let now = pool_status(size)?;
@@ -126,7 +138,11 @@ impl PoolGuard {
 impl Drop for PoolGuard {
     fn drop(&mut self) {
         if let Err(e) = set_pool_size(self.size, self.original) {
-            log::warn!("could not restore the {} hugetlb pool to {} pages: {e}", self.size, self.original);
+            log::warn!(
+                "could not restore the {} hugetlb pool to {} pages: {e}",
+                self.size,
+                self.original
+            );
         }
     }
 }

@@ -52,14 +52,21 @@ pub struct PopulateOptions {
 
 impl Default for PopulateOptions {
     fn default() -> Self {
-        Self { threads: None, method: PopulateMethod::Auto, min_bytes_per_thread: 16 << 20 }
+        Self {
+            threads: None,
+            method: PopulateMethod::Auto,
+            min_bytes_per_thread: 16 << 20,
+        }
     }
 }
 
 impl PopulateOptions {
     /// Options with a fixed number of threads and the default method.
     pub fn with_threads(threads: NonZeroUsize) -> Self {
-        Self { threads: Some(threads), ..Self::default() }
+        Self {
+            threads: Some(threads),
+            ..Self::default()
+        }
     }
 }
 
@@ -96,11 +103,20 @@ fn plan(len: u64, page_size: u64, opts: &PopulateOptions) -> (u64, usize) {
         .threads
         .or_else(|| std::thread::available_parallelism().ok())
         .map_or(1, NonZeroUsize::get);
-    let by_size = usize::try_from(len / opts.min_bytes_per_thread.max(1)).unwrap_or(usize::MAX).max(1);
+    let by_size = usize::try_from(len / opts.min_bytes_per_thread.max(1))
+        .unwrap_or(usize::MAX)
+        .max(1);
     let threads = wanted.min(by_size).max(1);
     let granule = page_size.max(2 << 20);
-    let per = len.div_ceil(u64::try_from(threads).unwrap_or(1).saturating_mul(CHUNKS_PER_THREAD));
-    let chunk = per.div_ceil(granule).saturating_mul(granule).clamp(granule, MAX_CHUNK.max(granule));
+    let per = len.div_ceil(
+        u64::try_from(threads)
+            .unwrap_or(1)
+            .saturating_mul(CHUNKS_PER_THREAD),
+    );
+    let chunk = per
+        .div_ceil(granule)
+        .saturating_mul(granule)
+        .clamp(granule, MAX_CHUNK.max(granule));
     let chunks = usize::try_from(len.div_ceil(chunk)).unwrap_or(usize::MAX);
     (chunk, threads.min(chunks).max(1))
 }
@@ -120,7 +136,9 @@ pub(crate) unsafe fn populate(
     opts: &PopulateOptions,
 ) -> Result<PopulateReport, MemoryBackendError> {
     let method = match opts.method {
-        PopulateMethod::Auto if sys::populate_write_supported() => PopulateMethod::MadvisePopulateWrite,
+        PopulateMethod::Auto if sys::populate_write_supported() => {
+            PopulateMethod::MadvisePopulateWrite
+        }
         PopulateMethod::Auto => PopulateMethod::Touch,
         m => m,
     };
@@ -141,7 +159,9 @@ pub(crate) unsafe fn populate(
         // the caller guarantees is mapped RW and unreferenced for the whole call.
         if let Err(e) = unsafe { populate_chunk(target, offset + start, this, method) } {
             failed.store(true, Ordering::Relaxed);
-            let mut slot = first_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut slot = first_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             slot.get_or_insert(e);
             break;
         }
@@ -149,19 +169,30 @@ pub(crate) unsafe fn populate(
     let mut used = 1;
     std::thread::scope(|s| {
         for _ in 1..threads {
-            match std::thread::Builder::new().name("mem-populate".into()).spawn_scoped(s, work) {
+            match std::thread::Builder::new()
+                .name("mem-populate".into())
+                .spawn_scoped(s, work)
+            {
                 Ok(_) => used += 1,
                 Err(e) => {
-                    log::warn!("populate: could not start a worker thread ({e}); continuing with {used}");
+                    log::warn!(
+                        "populate: could not start a worker thread ({e}); continuing with {used}"
+                    );
                     break;
                 }
             }
         }
         work();
     });
-    match first_error.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+    match first_error
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
         Some(e) => Err(e),
-        None => Ok(PopulateReport { threads: used, method }),
+        None => Ok(PopulateReport {
+            threads: used,
+            method,
+        }),
     }
 }
 

@@ -68,11 +68,17 @@ mod tests {
     #[test]
     fn readable_memory_is_accessible() {
         let x = Box::new(7u8);
-        assert_eq!(read_in_child(&raw const *x as usize).unwrap(), ProbeOutcome::Accessible);
+        assert_eq!(
+            read_in_child(&raw const *x as usize).unwrap(),
+            ProbeOutcome::Accessible
+        );
     }
 
     #[test]
     fn null_faults() {
-        assert_eq!(read_in_child(0).unwrap(), ProbeOutcome::Signal(libc::SIGSEGV));
+        assert_eq!(
+            read_in_child(0).unwrap(),
+            ProbeOutcome::Signal(libc::SIGSEGV)
+        );
     }
 }

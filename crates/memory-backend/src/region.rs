@@ -52,7 +52,13 @@ pub struct RegionConfig {
 impl RegionConfig {
     /// Private anonymous backing with THP advice and without populate.
     pub fn new(size: u64, block_size: u64) -> Self {
-        Self { size, block_size, backing: Backing::default(), populate: None, transparent_hugepages: true }
+        Self {
+            size,
+            block_size,
+            backing: Backing::default(),
+            populate: None,
+            transparent_hugepages: true,
+        }
     }
 
     /// Sets the backing.
@@ -119,7 +125,10 @@ impl MemoryRegion {
     pub fn new(cfg: RegionConfig) -> Result<Self, MemoryBackendError> {
         let invalid = |m: String| Err(MemoryBackendError::InvalidConfig(m));
         if !cfg.block_size.is_power_of_two() {
-            return invalid(format!("block size {:#x} is not a power of two", cfg.block_size));
+            return invalid(format!(
+                "block size {:#x} is not a power of two",
+                cfg.block_size
+            ));
         }
         if cfg.size == 0 || cfg.size % cfg.block_size != 0 {
             return invalid(format!(
@@ -127,8 +136,12 @@ impl MemoryRegion {
                 cfg.size, cfg.block_size
             ));
         }
-        let (Ok(len), Ok(align)) = (usize::try_from(cfg.size), usize::try_from(cfg.block_size)) else {
-            return invalid(format!("region size {:#x} does not fit the address space", cfg.size));
+        let (Ok(len), Ok(align)) = (usize::try_from(cfg.size), usize::try_from(cfg.block_size))
+        else {
+            return invalid(format!(
+                "region size {:#x} does not fit the address space",
+                cfg.size
+            ));
         };
         let store = Store::open(&cfg.backing, cfg.size)?;
         let kind = store.kind();
@@ -140,7 +153,8 @@ impl MemoryRegion {
             ));
         }
         let os = |op| move |source| MemoryBackendError::Os { op, source };
-        let base = sys::reserve_aligned(len, align).map_err(os("mmap(PROT_NONE, MAP_NORESERVE) reservation"))?;
+        let base = sys::reserve_aligned(len, align)
+            .map_err(os("mmap(PROT_NONE, MAP_NORESERVE) reservation"))?;
         let region = Self {
             base,
             size: cfg.size,
@@ -219,16 +233,30 @@ impl MemoryRegion {
     ///
     /// [`MemoryBackendError::EmptyRange`], [`MemoryBackendError::RangeOverflow`],
     /// [`MemoryBackendError::UnalignedRange`] or [`MemoryBackendError::RangeOutsideRegion`].
-    pub fn check_range(&self, offset: u64, len: u64) -> Result<(NonNull<u8>, usize), MemoryBackendError> {
+    pub fn check_range(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<(NonNull<u8>, usize), MemoryBackendError> {
         if len == 0 {
             return Err(MemoryBackendError::EmptyRange { offset });
         }
-        let end = offset.checked_add(len).ok_or(MemoryBackendError::RangeOverflow { offset, len })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(MemoryBackendError::RangeOverflow { offset, len })?;
         if offset % self.block_size != 0 || len % self.block_size != 0 {
-            return Err(MemoryBackendError::UnalignedRange { offset, len, block_size: self.block_size });
+            return Err(MemoryBackendError::UnalignedRange {
+                offset,
+                len,
+                block_size: self.block_size,
+            });
         }
         if end > self.size {
-            return Err(MemoryBackendError::RangeOutsideRegion { offset, len, size: self.size });
+            return Err(MemoryBackendError::RangeOutsideRegion {
+                offset,
+                len,
+                size: self.size,
+            });
         }
         // Both fit usize because end <= size, which fits usize (checked in new()).
         let (off, l) = (to_usize(offset), to_usize(len));
@@ -294,7 +322,9 @@ impl MemoryRegion {
             Ok(report) => Ok(Some(report)),
             Err(e) => {
                 log::warn!("memory-backend: populate failed, unplugging the range again: {e}");
-                if let Err(rollback) = self.unplug_locked(offset, len, ptr, l, self.store.kind().default_discard()) {
+                if let Err(rollback) =
+                    self.unplug_locked(offset, len, ptr, l, self.store.kind().default_discard())
+                {
                     log::error!("memory-backend: rollback of a failed plug failed: {rollback}");
                 }
                 Err(e)
@@ -319,10 +349,18 @@ impl MemoryRegion {
     ///
     /// As for [`MemoryRegion::unplug`], plus [`MemoryBackendError::UnsupportedDiscard`]
     /// when the method does not free memory of this backing kind.
-    pub fn unplug_with(&self, offset: u64, len: u64, method: DiscardMethod) -> Result<(), MemoryBackendError> {
+    pub fn unplug_with(
+        &self,
+        offset: u64,
+        len: u64,
+        method: DiscardMethod,
+    ) -> Result<(), MemoryBackendError> {
         let kind = self.store.kind();
         if !kind.discard_methods().contains(&method) {
-            return Err(MemoryBackendError::UnsupportedDiscard { method, backing: kind.to_string() });
+            return Err(MemoryBackendError::UnsupportedDiscard {
+                method,
+                backing: kind.to_string(),
+            });
         }
         let (ptr, l) = self.check_range(offset, len)?;
         let _guard = self.lock();
@@ -347,7 +385,14 @@ impl MemoryRegion {
         l: usize,
         method: DiscardMethod,
     ) -> Result<(), MemoryBackendError> {
-        let fail = |op| move |source| MemoryBackendError::OsRange { op, offset, len, source };
+        let fail = |op| {
+            move |source| MemoryBackendError::OsRange {
+                op,
+                offset,
+                len,
+                source,
+            }
+        };
         if method == DiscardMethod::MapFixedNone {
             // SAFETY: the range is inside our private anonymous mapping (check_range,
             // method checked against the kind) and unreferenced; replacing it with a
@@ -368,15 +413,22 @@ impl MemoryRegion {
                 let r = unsafe { sys::advise(ptr, l, libc::MADV_REMOVE) };
                 r.map_err(fail("madvise(MADV_REMOVE)"))
             }
-            (DiscardMethod::PunchHole, Some(file)) => sys::fallocate(file.as_fd(), punch_hole_mode(), offset, len)
-                .map_err(fail("fallocate(PUNCH_HOLE|KEEP_SIZE)")),
-            (m, _) => Err(MemoryBackendError::UnsupportedDiscard { method: m, backing: self.store.kind().to_string() }),
+            (DiscardMethod::PunchHole, Some(file)) => {
+                sys::fallocate(file.as_fd(), punch_hole_mode(), offset, len)
+                    .map_err(fail("fallocate(PUNCH_HOLE|KEEP_SIZE)"))
+            }
+            (m, _) => Err(MemoryBackendError::UnsupportedDiscard {
+                method: m,
+                backing: self.store.kind().to_string(),
+            }),
         };
         if let Err(e) = discarded {
             // Still plugged as far as the device knows: make it usable again.
             // SAFETY: as above; restoring the access the range had before this call.
             if let Err(restore) = unsafe { sys::protect(ptr, l, RW) } {
-                log::error!("memory-backend: could not restore access after a failed discard: {restore}");
+                log::error!(
+                    "memory-backend: could not restore access after a failed discard: {restore}"
+                );
             }
             return Err(e);
         }
@@ -406,7 +458,11 @@ impl MemoryRegion {
             Some(fd) => Some(accounting::file_allocated_bytes(fd)?),
             None => None,
         };
-        Ok(RegionUsage { kind: self.store.kind(), mapping, file_allocated })
+        Ok(RegionUsage {
+            kind: self.store.kind(),
+            mapping,
+            file_allocated,
+        })
     }
 
     /// Whether no byte of `[offset, offset+len)` is readable, writable or executable
@@ -417,9 +473,11 @@ impl MemoryRegion {
     /// [`RangeAccessError::Range`] for an invalid range, [`RangeAccessError::Accounting`]
     /// when `/proc/self/maps` cannot be read.
     pub fn is_inaccessible(&self, offset: u64, len: u64) -> Result<bool, RangeAccessError> {
-        self.check_range(offset, len).map_err(RangeAccessError::Range)?;
+        self.check_range(offset, len)
+            .map_err(RangeAccessError::Range)?;
         let start = (self.base.as_ptr() as u64).saturating_add(offset);
-        let maps = accounting::range_protections(start, len).map_err(RangeAccessError::Accounting)?;
+        let maps =
+            accounting::range_protections(start, len).map_err(RangeAccessError::Accounting)?;
         Ok(maps.iter().all(|m| !m.accessible()))
     }
 }
@@ -465,7 +523,9 @@ impl RegionUsage {
         match self.kind {
             BackingKind::PrivateAnonymous => self.mapping.anonymous,
             BackingKind::Hugetlb(_) => self.file_allocated.unwrap_or(0).max(self.mapping.hugetlb()),
-            BackingKind::Shmem | BackingKind::RegularFile => self.file_allocated.unwrap_or(0).max(self.mapping.rss),
+            BackingKind::Shmem | BackingKind::RegularFile => {
+                self.file_allocated.unwrap_or(0).max(self.mapping.rss)
+            }
         }
     }
 }
@@ -476,4 +536,190 @@ fn punch_hole_mode() -> libc::c_int {
 
 fn to_usize(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn region() -> MemoryRegion {
+        MemoryRegion::new(RegionConfig::new(64 * MIB, 2 * MIB)).unwrap()
+    }
+
+    #[test]
+    fn region_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<MemoryRegion>();
+    }
+
+    #[test]
+    fn reservation_is_aligned_inaccessible_and_uncommitted() {
+        let r = MemoryRegion::new(RegionConfig::new(64 * MIB, 32 * MIB)).unwrap();
+        assert_eq!(r.host_addr() as u64 % (32 * MIB), 0);
+        assert_eq!(r.size(), 64 * MIB);
+        assert!(r.is_inaccessible(0, r.size()).unwrap());
+        assert_eq!(r.usage().unwrap().committed(), 0);
+    }
+
+    #[test]
+    fn empty_range_is_refused() {
+        assert!(matches!(
+            region().plug(2 * MIB, 0),
+            Err(MemoryBackendError::EmptyRange { offset: 0x20_0000 })
+        ));
+    }
+
+    #[test]
+    fn unaligned_ranges_are_refused() {
+        let r = region();
+        for (off, len) in [(4096, 2 * MIB), (0, 2 * MIB + 4096), (MIB, MIB)] {
+            assert!(
+                matches!(
+                    r.plug(off, len),
+                    Err(MemoryBackendError::UnalignedRange {
+                        block_size: 0x20_0000,
+                        ..
+                    })
+                ),
+                "plug {off:#x}+{len:#x}"
+            );
+            assert!(matches!(
+                r.unplug(off, len),
+                Err(MemoryBackendError::UnalignedRange { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn ranges_outside_the_region_are_refused() {
+        let r = region();
+        for (off, len) in [
+            (64 * MIB, 2 * MIB),
+            (62 * MIB, 4 * MIB),
+            (0, 66 * MIB),
+            (1 << 40, 2 * MIB),
+        ] {
+            assert!(
+                matches!(
+                    r.plug(off, len),
+                    Err(MemoryBackendError::RangeOutsideRegion {
+                        size: 0x400_0000,
+                        ..
+                    })
+                ),
+                "plug {off:#x}+{len:#x}"
+            );
+            assert!(matches!(
+                r.unplug(off, len),
+                Err(MemoryBackendError::RangeOutsideRegion { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn overflowing_ranges_are_refused() {
+        let r = region();
+        let off = u64::MAX - MIB + 1;
+        assert!(matches!(
+            r.plug(off, 2 * MIB),
+            Err(MemoryBackendError::RangeOverflow { .. })
+        ));
+        assert!(matches!(
+            r.unplug(2 * MIB, u64::MAX),
+            Err(MemoryBackendError::RangeOverflow { .. })
+        ));
+    }
+
+    #[test]
+    fn refused_ranges_change_nothing() {
+        let r = region();
+        let _ = r.plug(62 * MIB, 4 * MIB);
+        assert!(r.is_inaccessible(0, r.size()).unwrap());
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        for (size, block) in [
+            (64 * MIB, 3 * MIB),
+            (0, 2 * MIB),
+            (63 * MIB, 2 * MIB),
+            (64 * MIB, 1024),
+        ] {
+            let e = MemoryRegion::new(RegionConfig::new(size, block)).unwrap_err();
+            assert!(
+                matches!(e, MemoryBackendError::InvalidConfig(_)),
+                "{size:#x}/{block:#x}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_backing_file_directory_is_an_os_error() {
+        let cfg = RegionConfig::new(4 * MIB, 2 * MIB)
+            .with_backing(Backing::File("/nonexistent/dir/mem".into()));
+        let e = MemoryRegion::new(cfg).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOENT), "{e}");
+        assert!(e.to_string().contains("open backing file"), "{e}");
+    }
+
+    #[test]
+    fn discard_method_must_fit_the_backing() {
+        let r = region();
+        let e = r
+            .unplug_with(0, 2 * MIB, DiscardMethod::PunchHole)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            MemoryBackendError::UnsupportedDiscard {
+                method: DiscardMethod::PunchHole,
+                ..
+            }
+        ));
+        let shm = MemoryRegion::new(
+            RegionConfig::new(4 * MIB, 2 * MIB).with_backing(Backing::SharedMemfd),
+        )
+        .unwrap();
+        let e = shm
+            .unplug_with(0, 2 * MIB, DiscardMethod::MadvDontneed)
+            .unwrap_err();
+        assert!(matches!(e, MemoryBackendError::UnsupportedDiscard { .. }));
+    }
+
+    #[test]
+    fn plug_and_unplug_from_several_threads() {
+        let r = MemoryRegion::new(
+            RegionConfig::new(64 * MIB, 2 * MIB).with_populate(PopulateOptions::default()),
+        )
+        .unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let r = &r;
+                s.spawn(move || {
+                    for i in 0..50u64 {
+                        let off = (t * 8 + i % 8) * 2 * MIB;
+                        r.plug(off, 2 * MIB).unwrap();
+                        r.unplug(off, 2 * MIB).unwrap();
+                    }
+                });
+            }
+        });
+        assert!(r.is_inaccessible(0, r.size()).unwrap());
+        assert_eq!(r.usage().unwrap().committed(), 0);
+    }
+
+    #[test]
+    fn unplug_all_releases_everything() {
+        let r = MemoryRegion::new(
+            RegionConfig::new(64 * MIB, 2 * MIB).with_populate(PopulateOptions::default()),
+        )
+        .unwrap();
+        r.plug(0, 16 * MIB).unwrap();
+        r.plug(32 * MIB, 16 * MIB).unwrap();
+        assert!(r.usage().unwrap().committed() >= 32 * MIB);
+        r.unplug_all().unwrap();
+        assert_eq!(r.usage().unwrap().committed(), 0);
+        assert!(r.is_inaccessible(0, r.size()).unwrap());
+    }
 }

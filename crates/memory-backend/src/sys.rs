@@ -17,7 +17,10 @@ pub(crate) fn base_page_size() -> u64 {
     *PAGE.get_or_init(|| {
         // SAFETY: sysconf has no memory-safety preconditions.
         let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        u64::try_from(v).ok().filter(|v| v.is_power_of_two()).unwrap_or(4096)
+        u64::try_from(v)
+            .ok()
+            .filter(|v| v.is_power_of_two())
+            .unwrap_or(4096)
     })
 }
 
@@ -164,7 +167,12 @@ pub(crate) unsafe fn advise(addr: NonNull<u8>, len: usize, advice: libc::c_int) 
 }
 
 /// `fallocate(fd, mode, off, len)`.
-pub(crate) fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
+pub(crate) fn fallocate(
+    fd: BorrowedFd<'_>,
+    mode: libc::c_int,
+    off: u64,
+    len: u64,
+) -> io::Result<()> {
     let einval = || io::Error::from_raw_os_error(libc::EINVAL);
     let off = libc::off_t::try_from(off).map_err(|_| einval())?;
     let len = libc::off_t::try_from(len).map_err(|_| einval())?;
