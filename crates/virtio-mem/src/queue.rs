@@ -5,8 +5,9 @@
 //! followed by device-writable descriptors holding at least 10 bytes, all inside guest
 //! memory, none empty, at most [`MAX_CHAIN_DESCRIPTORS`] long. Framing is free (the spec
 //! forbids devices to assume it), so a request split over several buffers is fine. A
-//! malformed chain never panics: it is answered ERROR when a writable buffer of at least 10
-//! bytes exists in guest memory, and otherwise completed with used length 0. Either way it
+//! malformed chain never panics: it is answered ERROR when its writable buffers, up to the
+//! first one outside guest memory, hold at least 10 bytes, and otherwise completed with
+//! used length 0. Either way it
 //! is returned to the driver, counted, and logged rate-limited.
 
 use std::time::Duration;
@@ -77,6 +78,7 @@ fn parse_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>) -> ParsedCha
     let set_error = |p: &mut ParsedChain, e| {
         p.error.get_or_insert(e);
     };
+    let mut writable_broken = false;
     // The chain iterator itself stops after queue-size descriptors (loops included); the
     // extra `take` makes the bound ours.
     for (i, desc) in chain.take(MAX_CHAIN_DESCRIPTORS + 1).enumerate() {
@@ -94,10 +96,15 @@ fn parse_chain<M: GuestMemory>(mem: &M, chain: DescriptorChain<&M>) -> ParsedCha
         }
         if !in_memory {
             set_error(&mut parsed, MalformedChain::OutsideGuestMemory);
+            // The response must start at the first writable byte and stay contiguous in
+            // the chain: buffers past a bad one cannot hold it.
+            writable_broken |= desc.is_write_only();
             continue;
         }
         if desc.is_write_only() {
-            parsed.writable.push((desc.addr(), len));
+            if !writable_broken {
+                parsed.writable.push((desc.addr(), len));
+            }
         } else if parsed.writable.is_empty() {
             parsed.readable.push((desc.addr(), len));
         } else {

@@ -320,7 +320,7 @@ impl TestDevice {
         let mut dev = VirtioMem::new(cfg, RecordingBackend::default(), Arc::clone(&irq))?;
         let features = dev.state().device_features();
         dev.state_mut().ack_features(features)?;
-        let driver = DriverQueue::new(16);
+        let driver = DriverQueue::new(64);
         dev.activate(driver.device_queue());
         Ok(TestDevice { dev, driver, irq })
     }
