@@ -1,0 +1,212 @@
+//! The command line: `vmm run --kernel --initrd --cmdline --cpus --memory`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::vm::VmConfig;
+
+/// A KVM VMM that boots Linux with virtio-mmio devices announced through ACPI.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a Linux guest and run it until it powers off or reboots. Exit status: 0 guest
+    /// powered off, 2 guest rebooted, 1 error.
+    Run(RunArgs),
+}
+
+/// `vmm run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Linux kernel (x86 bzImage, e.g. /boot/vmlinuz-*).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (e.g. "console=ttyS0 panic=-1").
+    #[arg(long, default_value = "console=ttyS0")]
+    pub cmdline: String,
+    /// Number of vCPUs (1-254).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub cpus: u8,
+    /// Boot RAM, e.g. 512M or 4G (K, M, G, T suffixes, powers of 1024).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Write the guest console to this file instead of stdout.
+    #[arg(long)]
+    pub serial_output: Option<PathBuf>,
+    /// Do not add the virtio entropy device (by default one virtio-mmio device, an entropy
+    /// source, is present).
+    #[arg(long)]
+    pub no_rng: bool,
+}
+
+/// Smallest boot RAM accepted: a distro kernel with an initramfs needs this much to boot.
+pub const MIN_MEMORY: u64 = 64 << 20;
+/// Largest boot RAM accepted (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Parses a size like `512M`, `4G`, `1024K`, `2GiB` or a plain byte count.
+///
+/// # Errors
+///
+/// A message saying what is wrong with the text.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    if num.is_empty() {
+        return Err(format!(
+            "invalid size '{s}': expected a number with an optional K, M, G or T suffix, like 512M or 4G"
+        ));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size '{s}': number too large"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => {
+            return Err(format!(
+                "invalid size '{s}': unknown suffix '{suffix}' (use K, M, G or T)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("invalid size '{s}': too large"))
+}
+
+/// Errors in the arguments that clap cannot check alone.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    /// Memory below [`MIN_MEMORY`].
+    #[error("--memory {0} bytes is too small: a Linux guest needs at least 64M")]
+    MemoryTooSmall(u64),
+    /// Memory above [`MAX_MEMORY`].
+    #[error("--memory {0} bytes is too large: at most 1T")]
+    MemoryTooLarge(u64),
+    /// Memory not a whole number of 4 KiB pages.
+    #[error("--memory {0} bytes is not a multiple of 4K pages")]
+    MemoryUnaligned(u64),
+    /// A file does not exist or is not a regular file.
+    #[error("{what} file {path} does not exist or is not a file")]
+    MissingFile {
+        /// Which option.
+        what: &'static str,
+        /// The path.
+        path: String,
+    },
+}
+
+impl RunArgs {
+    /// Checks the arguments and turns them into a VM configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`CliError`] saying which argument is wrong.
+    pub fn to_config(&self) -> Result<VmConfig, CliError> {
+        if self.memory < MIN_MEMORY {
+            return Err(CliError::MemoryTooSmall(self.memory));
+        }
+        if self.memory > MAX_MEMORY {
+            return Err(CliError::MemoryTooLarge(self.memory));
+        }
+        if self.memory % 4096 != 0 {
+            return Err(CliError::MemoryUnaligned(self.memory));
+        }
+        let check = |what, p: &PathBuf| {
+            if p.is_file() {
+                Ok(())
+            } else {
+                Err(CliError::MissingFile {
+                    what,
+                    path: p.display().to_string(),
+                })
+            }
+        };
+        check("--kernel", &self.kernel)?;
+        if let Some(i) = &self.initrd {
+            check("--initrd", i)?;
+        }
+        Ok(VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            mem_size: self.memory,
+            serial_output: self.serial_output.clone(),
+            rng: !self.no_rng,
+        })
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1024k").unwrap(), 1 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("").unwrap_err().contains("expected a number"));
+        assert!(parse_size("G").unwrap_err().contains("expected a number"));
+        assert!(parse_size("5X").unwrap_err().contains("unknown suffix"));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
+    }
+
+    fn args(mem: &str, kernel: &str) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(["vmm", "run", "--kernel", kernel, "--memory", mem]).map(|c| {
+            let Command::Run(a) = c.command;
+            a
+        })
+    }
+
+    #[test]
+    fn config_errors_say_what_is_wrong() {
+        let exe = std::env::current_exe().unwrap();
+        let exe = exe.to_str().unwrap();
+        assert_eq!(
+            args("16M", exe).unwrap().to_config().unwrap_err(),
+            CliError::MemoryTooSmall(16 << 20)
+        );
+        assert_eq!(
+            args("2T", exe).unwrap().to_config().unwrap_err(),
+            CliError::MemoryTooLarge(2 << 40)
+        );
+        assert_eq!(
+            args("67108865", exe).unwrap().to_config().unwrap_err(),
+            CliError::MemoryUnaligned(67_108_865)
+        );
+        let e = args("512M", "/no/such/vmlinuz")
+            .unwrap()
+            .to_config()
+            .unwrap_err();
+        assert!(e.to_string().contains("/no/such/vmlinuz"));
+        let c = args("1G", exe).unwrap().to_config().unwrap();
+        assert_eq!((c.mem_size, c.cpus, c.rng), (1 << 30, 1, true));
+        let e = args("lots", exe).unwrap_err().to_string();
+        assert!(e.contains("invalid size 'lots'"), "{e}");
+        let e = Cli::try_parse_from(["vmm", "run", "--kernel", exe, "--cpus", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cpus"), "{e}");
+    }
+}

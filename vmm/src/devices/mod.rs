@@ -1,0 +1,5 @@
+//! Devices of the VM: COM1, the reset/poweroff ports, and virtio devices.
+
+pub mod legacy;
+pub mod rng;
+pub mod serial;

@@ -1,0 +1,245 @@
+//! COM1: the 8250 UART from vm-superio on the I/O bus, its output on stdout or a file, and
+//! the host's stdin forwarded to the guest's serial input.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{debug, warn};
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// COM1's I/O port base.
+pub const COM1_BASE: u64 = 0x3f8;
+/// Number of ports of a 8250.
+pub const COM_PORTS: u64 = 8;
+/// Bytes of host input held while the guest's receive FIFO is full.
+const MAX_PENDING_INPUT: usize = 64 * 1024;
+
+/// Raises the UART's interrupt through an irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's console output goes.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// The UART plus host input waiting for room in its receive FIFO.
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, NoEvents, SerialOut>,
+    pending: VecDeque<u8>,
+    dropped_input: u64,
+}
+
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialDevice")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SerialDevice {
+    /// A UART that signals `irq` and writes to `out`.
+    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+        Self {
+            uart: Serial::new(IrqTrigger(irq), out),
+            pending: VecDeque::new(),
+            dropped_input: 0,
+        }
+    }
+
+    /// Queues host input for the guest: into the receive FIFO as far as it has room, the
+    /// rest held until the guest reads (bounded; beyond it, input is dropped and counted).
+    pub fn enqueue_input(&mut self, input: &[u8]) {
+        let room = MAX_PENDING_INPUT.saturating_sub(self.pending.len());
+        let take = input.len().min(room);
+        self.pending.extend(input.iter().take(take));
+        if take < input.len() {
+            self.dropped_input = self
+                .dropped_input
+                .saturating_add(u64::try_from(input.len() - take).unwrap_or(u64::MAX));
+            warn!(
+                "serial: guest is not reading its console; dropped {} input bytes so far",
+                self.dropped_input
+            );
+        }
+        self.flush_input();
+    }
+
+    fn flush_input(&mut self) {
+        while !self.pending.is_empty() && self.uart.fifo_capacity() > 0 {
+            let (a, _) = self.pending.as_slices();
+            let n = a.len().min(self.uart.fifo_capacity());
+            match self.uart.enqueue_raw_bytes(&a[..n]) {
+                Ok(done) => {
+                    self.pending.drain(..done);
+                    if done == 0 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    debug!("serial: cannot queue input: {e:?}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Bytes of host input not yet in the guest's FIFO.
+    pub fn pending_input(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), [first, ..]) = (u8::try_from(offset), data) {
+            *first = self.uart.read(off);
+        }
+        // The guest may just have drained the FIFO.
+        self.flush_input();
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), [first, ..]) = (u8::try_from(offset), data) {
+            if let Err(e) = self.uart.write(off, *first) {
+                debug!("serial: write failed: {e:?}");
+            }
+        }
+    }
+}
+
+/// Forwards the host's stdin to the guest's serial input (an event-manager subscriber).
+/// On end of input it stops watching stdin; the guest keeps running.
+pub struct StdinInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    stdin: io::Stdin,
+}
+
+impl std::fmt::Debug for StdinInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StdinInput").finish_non_exhaustive()
+    }
+}
+
+impl StdinInput {
+    /// Forwards stdin to `serial`.
+    pub fn new(serial: Arc<Mutex<SerialDevice>>) -> Self {
+        Self {
+            serial,
+            stdin: io::stdin(),
+        }
+    }
+}
+
+impl MutEventSubscriber for StdinInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 1024];
+        let fd = self.stdin.as_raw_fd();
+        // Raw read(2) of what is available: std's Stdin is buffered and would block.
+        let n = {
+            let mut f = std::mem::ManuallyDrop::new(
+                // SAFETY: fd is this process's stdin, open for its whole life; ManuallyDrop
+                // keeps the File from closing it.
+                unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            );
+            f.read(&mut buf)
+        };
+        match n {
+            Ok(0) => {
+                debug!("serial: end of stdin");
+                let _ = ops.remove(events);
+            }
+            Ok(n) => self
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .enqueue_input(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                warn!("serial: cannot read stdin, no more console input: {e}");
+                let _ = ops.remove(events);
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let stdin = self.stdin.as_raw_fd();
+        if let Err(e) = ops.add(Events::new_raw(stdin, EventSet::IN)) {
+            // Regular files cannot be watched with epoll: no console input then.
+            warn!("serial: console input disabled, cannot watch stdin: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_reaches_the_sink() {
+        let sink = Sink::default();
+        let mut s = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), Box::new(sink.clone()));
+        for b in b"hi" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(*sink.0.lock().unwrap(), b"hi");
+    }
+
+    #[test]
+    fn input_beyond_the_fifo_waits_for_the_guest() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(io::sink()));
+        // Enable the received-data interrupt so input raises it.
+        s.write(1, &[1]);
+        let input: Vec<u8> = (0..200u8).collect();
+        s.enqueue_input(&input);
+        assert!(
+            s.pending_input() > 0,
+            "the 64-byte FIFO cannot hold 200 bytes"
+        );
+        assert!(irq.read().is_ok());
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            let mut lsr = [0u8];
+            s.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break;
+            }
+            let mut b = [0u8];
+            s.read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, input);
+        assert_eq!(s.pending_input(), 0);
+    }
+}

@@ -1,0 +1,440 @@
+//! The virtual machine: KVM VM with in-kernel irqchip and PIT, guest RAM, buses and
+//! devices, vCPU threads, and the event loop that runs until the guest stops.
+
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use log::{info, warn};
+use virtio_mmio::{MmioTransport, VirtioDevice};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::{self, AcpiError, VirtioMmioWindow};
+use crate::boot::{self, BootError};
+use crate::bus::{Bus, BusDevice, BusError};
+use crate::cpu::{self, CpuError};
+use crate::devices::legacy::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, I8042, I8042_BASE, I8042_PORTS};
+use crate::devices::rng::{RngHandler, VirtioRng};
+use crate::devices::serial::{SerialDevice, SerialOut, StdinInput, COM1_BASE, COM_PORTS};
+use crate::exit::{exit_channel, ExitHandle, ExitReason, ExitWatch};
+use crate::layout::{COM1_IRQ, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::memory::{self, GuestMemoryHandle, MemoryError, MemorySlots};
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// bzImage.
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Boot RAM in bytes.
+    pub mem_size: u64,
+    /// Console output file (stdout if `None`).
+    pub serial_output: Option<PathBuf>,
+    /// Add the virtio entropy device.
+    pub rng: bool,
+}
+
+/// Errors while building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened or used.
+    #[error("cannot use KVM (/dev/kvm): {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    KvmSetup {
+        /// Which.
+        what: &'static str,
+        /// Error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// Kernel/initrd/command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// Bus layout.
+    #[error("device placement: {0}")]
+    Bus(#[from] BusError),
+    /// An eventfd, file, or thread could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// Error.
+        #[source]
+        source: io::Error,
+    },
+    /// The virtio-mmio transport refused the device.
+    #[error("virtio-mmio: {0}")]
+    Mmio(#[from] virtio_mmio::MmioError),
+    /// No GSI left for another device.
+    #[error("no interrupt line left for another virtio-mmio device (GSIs {VIRTIO_IRQ_BASE}-{IRQ_MAX} in use)")]
+    NoIrq,
+    /// The event loop failed.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Adapts a virtio-mmio transport to the MMIO bus.
+struct MmioDevice(MmioTransport<GuestMemoryHandle>);
+
+impl BusDevice for MmioDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.write(offset, data);
+    }
+}
+
+/// Wakes the event loop when a stop is requested.
+struct ExitWake(EventFd);
+
+impl MutEventSubscriber for ExitWake {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            warn!("cannot watch the exit eventfd: {e:?}");
+        }
+    }
+}
+
+/// A VM ready to boot or run.
+pub struct Vm {
+    kvm: Kvm,
+    vm: VmFd,
+    vcpus: Vec<VcpuFd>,
+    mem: GuestMemoryMmap,
+    mem_handle: GuestMemoryHandle,
+    slots: MemorySlots,
+    mem_size: u64,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit: ExitHandle,
+    exit_watch: ExitWatch,
+    event_manager: EventManager<Subscriber>,
+    serial: Arc<Mutex<SerialDevice>>,
+    virtio_windows: Vec<VirtioMmioWindow>,
+    entry: Option<u64>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .field("mem_size", &self.mem_size)
+            .field("virtio_windows", &self.virtio_windows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Creates the VM: KVM, irqchip, PIT, boot RAM, COM1 (to `serial_out`), the i8042 and
+    /// ACPI power-management ports, and `cpus` vCPUs (not configured yet).
+    ///
+    /// # Errors
+    ///
+    /// [`VmError`] naming the step that failed.
+    pub fn new(cpus: u8, mem_size: u64, serial_out: SerialOut) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let vm = kvm.create_vm().map_err(VmError::Kvm)?;
+        let setup = |what| move |source| VmError::KvmSetup { what, source };
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(setup("SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(setup("CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(setup("CREATE_PIT2"))?;
+
+        let mem = memory::create_guest_memory(mem_size)?;
+        let mut slots = MemorySlots::default();
+        memory::register_memslots(&vm, &mem, &mut slots)?;
+        let mem_handle = GuestMemoryAtomic::new(mem.clone());
+
+        let (exit, exit_watch) = exit_channel().map_err(io_err("exit eventfd"))?;
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmError::EventLoop)?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(io_err("exit eventfd"))?;
+        // The watch's eventfd is what handles signal; the loop needs its own copy.
+        let wake_copy = exit_watch
+            .eventfd()
+            .try_clone()
+            .map_err(io_err("exit eventfd"))?;
+        drop(wake);
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWake(wake_copy))));
+
+        let io_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("serial irqfd"))?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(setup("IRQFD (COM1)"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+        io_bus.insert(serial.clone(), COM1_BASE, COM_PORTS)?;
+        io_bus.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_BASE,
+            I8042_PORTS,
+        )?;
+        io_bus.insert(
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+            ACPI_PM_BASE,
+            ACPI_PM_PORTS,
+        )?;
+
+        let vcpus = (0..cpus)
+            .map(|i| vm.create_vcpu(u64::from(i)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(setup("CREATE_VCPU"))?;
+
+        Ok(Self {
+            kvm,
+            vm,
+            vcpus,
+            mem,
+            mem_handle,
+            slots,
+            mem_size,
+            io_bus,
+            mmio_bus,
+            exit,
+            exit_watch,
+            event_manager,
+            serial,
+            virtio_windows: Vec::new(),
+            entry: None,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The guest memory handle for devices.
+    pub fn memory_handle(&self) -> &GuestMemoryHandle {
+        &self.mem_handle
+    }
+
+    /// The KVM VM (for memslots added at run time).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Memslot allocation.
+    pub fn memory_slots(&mut self) -> &mut MemorySlots {
+        &mut self.slots
+    }
+
+    /// The I/O port bus.
+    pub fn io_bus(&self) -> &Arc<Bus> {
+        &self.io_bus
+    }
+
+    /// The MMIO bus.
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio_bus
+    }
+
+    /// A handle to stop the VM.
+    pub fn exit_handle(&self) -> ExitHandle {
+        self.exit.clone()
+    }
+
+    /// COM1, e.g. to inject console input.
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    /// Adds an event-loop subscriber (a device's queue handler, an API socket...).
+    pub fn add_subscriber(&mut self, s: Subscriber) {
+        self.event_manager.add_subscriber(s);
+    }
+
+    /// Forwards the host's stdin to the guest console.
+    pub fn forward_stdin(&mut self) {
+        let input = StdinInput::new(self.serial.clone());
+        self.add_subscriber(Arc::new(Mutex::new(input)));
+    }
+
+    /// Puts `device` behind a new virtio-mmio window with its own GSI: registers the irqfd
+    /// and one ioeventfd per queue with KVM and the window on the MMIO bus. Returns the
+    /// window and, per queue, a clone of its notification eventfd for the device's event
+    /// handler.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError`] when no GSI is left or KVM refuses an eventfd.
+    pub fn add_virtio_device(
+        &mut self,
+        device: Arc<Mutex<dyn VirtioDevice<GuestMemoryHandle>>>,
+    ) -> Result<(VirtioMmioWindow, Vec<EventFd>), VmError> {
+        let index = u32::try_from(self.virtio_windows.len()).map_err(|_| VmError::NoIrq)?;
+        let gsi = VIRTIO_IRQ_BASE
+            .checked_add(index)
+            .filter(|g| *g <= IRQ_MAX)
+            .ok_or(VmError::NoIrq)?;
+        let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
+        let transport = MmioTransport::new(device, self.mem_handle.clone())?;
+        let setup = |what| move |source| VmError::KvmSetup { what, source };
+        self.vm
+            .register_irqfd(transport.irqfd(), gsi)
+            .map_err(setup("IRQFD (virtio-mmio)"))?;
+        let mut notify = Vec::new();
+        for (q, evt) in transport.queue_notify_eventfds().iter().enumerate() {
+            let q = u32::try_from(q).map_err(|_| VmError::NoIrq)?;
+            self.vm
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + virtio_mmio::regs::QUEUE_NOTIFY),
+                    q,
+                )
+                .map_err(setup("IOEVENTFD (virtio-mmio queue notify)"))?;
+            notify.push(evt.try_clone().map_err(io_err("queue eventfd"))?);
+        }
+        self.mmio_bus.insert(
+            Arc::new(Mutex::new(MmioDevice(transport))),
+            base,
+            VIRTIO_MMIO_SIZE,
+        )?;
+        let w = VirtioMmioWindow {
+            base,
+            size: VIRTIO_MMIO_SIZE,
+            gsi,
+        };
+        info!("virtio-mmio device at {base:#x}, GSI {gsi}");
+        self.virtio_windows.push(w);
+        Ok((w, notify))
+    }
+
+    /// Adds the virtio entropy device and its queue handler.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::add_virtio_device`], or `/dev/urandom` cannot be opened.
+    pub fn add_rng(&mut self) -> Result<(), VmError> {
+        let rng = Arc::new(Mutex::new(
+            VirtioRng::new().map_err(io_err("open /dev/urandom"))?,
+        ));
+        let (_, mut notify) = self.add_virtio_device(rng.clone())?;
+        let evt = notify.pop().ok_or(VmError::NoIrq)?;
+        self.add_subscriber(Arc::new(Mutex::new(RngHandler::new(rng, evt))));
+        Ok(())
+    }
+
+    /// Loads the kernel, initrd and command line, writes the ACPI tables and the zero page,
+    /// and configures the vCPUs for the 64-bit entry. Add devices before calling this: the
+    /// ACPI tables list the virtio-mmio windows present now.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError`] naming what could not be loaded or set up.
+    pub fn boot_linux(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
+        let kernel = boot::load_kernel(&self.mem, &cfg.kernel)?;
+        let initrd = cfg
+            .initrd
+            .as_deref()
+            .map(|p| boot::load_initrd(&self.mem, p, &kernel, self.mem_size))
+            .transpose()?;
+        let cmdline = boot::build_cmdline(&cfg.cmdline)?;
+        let cpus = u8::try_from(self.vcpus.len()).unwrap_or(u8::MAX);
+        let rsdp = acpi::write_acpi_tables(&self.mem, cpus, &self.virtio_windows)?;
+        boot::write_boot_params(&self.mem, &kernel, &cmdline, initrd, self.mem_size, rsdp)?;
+        cpu::write_boot_tables(&self.mem)?;
+        for (i, vcpu) in self.vcpus.iter().enumerate() {
+            let i = u8::try_from(i).unwrap_or(u8::MAX);
+            cpu::configure_vcpu(&self.kvm, vcpu, i, cpus, kernel.entry)?;
+        }
+        self.entry = Some(kernel.entry);
+        Ok(())
+    }
+
+    /// vCPU `index`, to set up a custom guest (tests run tiny real-mode programs).
+    pub fn vcpu(&self, index: usize) -> Option<&VcpuFd> {
+        self.vcpus.get(index)
+    }
+
+    /// Starts the vCPU threads and runs the event loop until the guest powers off, reboots
+    /// or fails.
+    ///
+    /// # Errors
+    ///
+    /// [`VmError`] when a vCPU thread cannot be started; guest-side failures are an
+    /// [`ExitReason::Error`].
+    pub fn run(mut self) -> Result<ExitReason, VmError> {
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let (io, mmio, exit) = (
+                self.io_bus.clone(),
+                self.mmio_bus.clone(),
+                self.exit.clone(),
+            );
+            let id = u8::try_from(i).unwrap_or(u8::MAX);
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || cpu::run_vcpu(vcpu, id, io, mmio, exit))
+                .map_err(io_err("spawn vCPU thread"))?;
+            threads.push(t);
+        }
+        let reason = loop {
+            if let Some(r) = self.exit_watch.try_reason() {
+                break r;
+            }
+            if let Err(e) = self.event_manager.run() {
+                break ExitReason::Error(format!("event loop: {e:?}"));
+            }
+        };
+        // vCPU threads still in KVM_RUN are left to the process exit: the guest is done.
+        drop(threads);
+        Ok(reason)
+    }
+}
+
+/// Boots `cfg` and runs it to the end.
+///
+/// # Errors
+///
+/// [`VmError`] for setup failures; how the guest ended is the [`ExitReason`].
+pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
+    let out: SerialOut = match &cfg.serial_output {
+        Some(p) => Box::new(File::create(p).map_err(io_err("create the --serial-output file"))?),
+        None => Box::new(io::stdout()),
+    };
+    let mut vm = Vm::new(cfg.cpus, cfg.mem_size, out)?;
+    if cfg.rng {
+        vm.add_rng()?;
+    }
+    vm.forward_stdin();
+    vm.boot_linux(cfg)?;
+    vm.run()
+}
