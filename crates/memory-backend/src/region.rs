@@ -88,6 +88,13 @@ impl RegionConfig {
 /// region.unplug(4 << 20, 8 << 20)?; // discarded and inaccessible again
 /// # Ok::<(), memory_backend::MemoryBackendError>(())
 /// ```
+///
+/// # Thread safety
+///
+/// `MemoryRegion` is `Send + Sync`: the VMM may plug from a worker thread while vCPU
+/// threads run. Plug and unplug take `&self` and are serialized by an internal lock, so a
+/// populate that touches pages never races with an unplug that protects them; the
+/// region never creates Rust references into its memory.
 #[derive(Debug)]
 pub struct MemoryRegion {
     base: NonNull<u8>,
@@ -153,6 +160,16 @@ impl MemoryRegion {
             ));
         }
         let os = |op| move |source| MemoryBackendError::Os { op, source };
+        // Align to the block size (>= page size); for THP-advised anonymous memory at
+        // least to the THP size too, so every huge-page-sized block can be one THP.
+        let align = if kind == BackingKind::PrivateAnonymous && cfg.transparent_hugepages {
+            let thp = accounting::thp_size()
+                .ok()
+                .and_then(|t| usize::try_from(t).ok());
+            align.max(thp.unwrap_or(align))
+        } else {
+            align
+        };
         let base = sys::reserve_aligned(len, align)
             .map_err(os("mmap(PROT_NONE, MAP_NORESERVE) reservation"))?;
         let region = Self {
