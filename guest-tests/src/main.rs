@@ -1,0 +1,250 @@
+//! `guest-tests`: runs the Linux end-to-end virtio-mem scenarios against a VMM
+//! (usually through `ci/guest-test`). See guest-tests/README.md.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use clap::Parser;
+
+use guest_tests::host::{decide, Where};
+use guest_tests::ours::Ours;
+use guest_tests::qemu::Qemu;
+use guest_tests::runner::{self, Paths, RunOptions};
+use guest_tests::scenarios::{self, Kernel, Scenario};
+use guest_tests::vmm::Vmm;
+
+#[derive(Debug, Parser)]
+#[command(about = "Linux end-to-end virtio-mem scenarios against a VMM")]
+struct Args {
+    /// VMM under test: qemu (reference virtio-mem-pci) or ours.
+    #[arg(long, default_value = "qemu")]
+    vmm: String,
+    /// Guest kernel: 6.1, 6.12 or all.
+    #[arg(long, default_value = "all")]
+    kernel: String,
+    /// Run only this scenario (repeatable); see --list.
+    #[arg(long)]
+    scenario: Vec<String>,
+    /// Scenario set: all, or ci (every scenario on 6.1, the marked ones on 6.12).
+    #[arg(long, default_value = "all")]
+    suite: String,
+    /// Where to run the VMM: auto, direct (this host's KVM) or testhost (nested L1).
+    #[arg(long = "where", env = "GUEST_TESTS_WHERE", default_value = "auto")]
+    where_: String,
+    /// Repository root (for ci/testhost-run and target/).
+    #[arg(long, env = "GUEST_TESTS_ROOT")]
+    root: Option<PathBuf>,
+    /// Guest-test directory with images/ (default <root>/target/guest).
+    #[arg(long, env = "GUEST_DIR")]
+    guest_dir: Option<PathBuf>,
+    /// Our VMM's binary (default <cargo target dir>/debug/vmm).
+    #[arg(long)]
+    vmm_binary: Option<PathBuf>,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// QEMU accelerator for the guest: kvm, or tcg for a software-only reference run
+    /// of the guest image (no test host needed; slower, not a KVM measurement).
+    #[arg(long, default_value = "kvm")]
+    qemu_accel: String,
+    /// Memory of the nested test host.
+    #[arg(long, default_value = "4G")]
+    testhost_mem: String,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Print the guest console as it comes.
+    #[arg(long)]
+    echo: bool,
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
+    let kernels =
+        match args.kernel.as_str() {
+            "all" => vec![Kernel::K61, Kernel::K612],
+            k => vec![Kernel::parse(k)
+                .ok_or_else(|| format!("unknown --kernel '{k}' (6.1, 6.12, all)"))?],
+        };
+    let ci = match args.suite.as_str() {
+        "all" => false,
+        "ci" => true,
+        s => return Err(format!("unknown --suite '{s}' (all, ci)")),
+    };
+    for n in &args.scenario {
+        if scenarios::by_name(n).is_none() {
+            let names: Vec<_> = scenarios::ALL.iter().map(|s| s.name).collect();
+            return Err(format!(
+                "unknown scenario '{n}'; known: {}",
+                names.join(", ")
+            ));
+        }
+    }
+    let mut out = Vec::new();
+    for k in kernels {
+        for s in scenarios::ALL {
+            if !args.scenario.is_empty() && !args.scenario.iter().any(|n| n == s.name) {
+                continue;
+            }
+            if ci && !s.ci.contains(&k) {
+                continue;
+            }
+            out.push((k, s));
+        }
+    }
+    if out.is_empty() {
+        return Err("no scenario selected".into());
+    }
+    Ok(out)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    if args.list {
+        for s in scenarios::ALL {
+            let ci: Vec<_> = s.ci.iter().map(|k| k.label()).collect();
+            println!("{:<15} [ci: {:<8}] {}", s.name, ci.join(","), s.about);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let selected = match select(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("guest-tests: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(want) = Where::parse(&args.where_) else {
+        eprintln!(
+            "guest-tests: unknown --where '{}' (auto, direct, testhost)",
+            args.where_
+        );
+        return ExitCode::from(2);
+    };
+    let root = args
+        .root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/..")));
+    let guest_dir = args
+        .guest_dir
+        .clone()
+        .unwrap_or_else(|| root.join("target/guest"));
+    let (mode, mut why) = decide(want);
+    if mode == Where::Direct && args.vmm == "qemu" && args.qemu_accel == "tcg" {
+        why = "directly under QEMU software emulation (tcg reference run, no KVM)".into();
+    }
+    println!("guest-tests: running {why}");
+
+    if mode == Where::Testhost {
+        // Re-run this very command inside the nested test host.
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("guest-tests: cannot find my own binary: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let status = Command::new(root.join("ci/testhost-run"))
+            .args(["--mem", &args.testhost_mem, "--cpus", "2", "--"])
+            .arg(exe)
+            .args(std::env::args_os().skip(1))
+            .env("GUEST_TESTS_ROOT", &root)
+            .env("GUEST_DIR", &guest_dir)
+            .status();
+        return match status {
+            Ok(s) => match s.code() {
+                Some(0) => ExitCode::SUCCESS,
+                Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+                None => ExitCode::FAILURE,
+            },
+            Err(e) => {
+                eprintln!("guest-tests: cannot run ci/testhost-run: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+
+    let vmm: Box<dyn Vmm> = match args.vmm.as_str() {
+        "qemu" => Box::new(Qemu {
+            binary: args.qemu.clone(),
+            accel: args.qemu_accel.clone(),
+        }),
+        "ours" => {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            Box::new(Ours {
+                binary: args
+                    .vmm_binary
+                    .clone()
+                    .unwrap_or_else(|| target.join("debug/vmm")),
+            })
+        }
+        v => {
+            eprintln!("guest-tests: unknown --vmm '{v}' (qemu, ours)");
+            return ExitCode::from(2);
+        }
+    };
+    let work = std::env::temp_dir().join(format!("guest-tests-{}", std::process::id()));
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let paths = Paths {
+        images: guest_dir.join("images"),
+        logs: guest_dir
+            .join("logs")
+            .join(format!("{}-{run_id}", vmm.name())),
+        work: work.clone(),
+    };
+    for d in [&paths.logs, &paths.work] {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            eprintln!("guest-tests: cannot create {}: {e}", d.display());
+            return ExitCode::from(2);
+        }
+    }
+    for (k, _) in &selected {
+        let img = paths.images.join(k.image());
+        if !img.join("vmlinuz").exists() || !img.join("initrd.img").exists() {
+            eprintln!(
+                "guest-tests: guest image {} missing: run ci/guest-image",
+                img.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    println!(
+        "guest-tests: VMM {}, {} scenario runs, console logs in {}",
+        vmm.name(),
+        selected.len(),
+        paths.logs.display()
+    );
+    let opts = RunOptions {
+        echo: args.echo,
+        cpus: args.cpus,
+    };
+    let t = Instant::now();
+    let results = runner::run(vmm.as_ref(), &selected, &paths, &opts);
+    let total = t.elapsed().as_secs_f64();
+    runner::print_summary(&results, total, &why);
+    match runner::write_json(
+        &guest_dir.join("results"),
+        vmm.name(),
+        &why,
+        total,
+        &results,
+    ) {
+        Ok(p) => println!("guest-tests: results in {}", p.display()),
+        Err(e) => eprintln!("guest-tests: cannot write results: {e}"),
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    if results.iter().all(|r| r.passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,342 @@
+//! This project's VMM (`vmm/`) as the VMM under test.
+//!
+//! Its control API is HTTP/JSON over a Unix socket: `PUT /v1/memory
+//! {"requested_size": N}` resizes, `GET /v1/memory` answers JSON with `plugged_size`,
+//! `requested_size`, `region_size`, `block_size` (and `addr` when known). The guest console
+//! is the VMM's stdin/stdout. The API client below is complete; [`Ours::start`] still
+//! reports "not implemented" until the VMM grows its virtio-mem command-line options:
+//! wiring it is filling in [`Ours::args`] and returning an [`OursProcess`].
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::vmm::{ConsolePipes, DeviceSizes, VmSpec, Vmm, VmmError, VmmProcess};
+
+/// Our VMM as the VMM under test.
+#[derive(Debug, Clone)]
+pub struct Ours {
+    /// The `vmm` binary.
+    pub binary: PathBuf,
+}
+
+impl Ours {
+    /// The intended command line for `spec` with the API on `socket`.
+    pub fn args(&self, spec: &VmSpec, socket: &Path) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--kernel".into(),
+            spec.kernel.display().to_string(),
+            "--initrd".into(),
+            spec.initrd.display().to_string(),
+            "--cmdline".into(),
+            spec.cmdline.clone(),
+            "--cpus".into(),
+            spec.cpus.to_string(),
+            "--memory".into(),
+            format!("{}M", spec.boot_mem >> 20),
+            "--hotplug-size".into(),
+            format!("{}M", spec.hotplug_size >> 20),
+            "--block-size".into(),
+            format!("{}M", spec.block_size >> 20),
+            "--api-socket".into(),
+            socket.display().to_string(),
+        ]
+    }
+}
+
+impl Vmm for Ours {
+    fn name(&self) -> &str {
+        "ours"
+    }
+
+    fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmmProcess>, VmmError> {
+        let socket = spec.work_dir.join(format!("{}.api", spec.name));
+        Err(VmmError::NotImplemented {
+            vmm: "ours".into(),
+            what: format!(
+                "the VMM has no virtio-mem device and resize API yet; once it has, \
+                 guest-tests/src/ours.rs starts `{} {}` and drives {}",
+                self.binary.display(),
+                self.args(spec, &socket).join(" "),
+                socket.display()
+            ),
+        })
+    }
+}
+
+/// Client of the VMM's HTTP/JSON API on a Unix socket (one request per connection).
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    /// The socket path.
+    pub socket: PathBuf,
+}
+
+impl ApiClient {
+    /// Sends one request; returns (status code, body).
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError::Connect`] or [`VmmError::Control`] on I/O or HTTP syntax trouble.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, String), VmmError> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| VmmError::Connect {
+            path: self.socket.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let ctl = |e: std::io::Error| VmmError::Control(format!("{method} {path}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(ctl)?;
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes()).map_err(ctl)?;
+        let mut reader = BufReader::new(s);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).map_err(ctl)?;
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| VmmError::Control(format!("bad HTTP status line: {status_line:?}")))?;
+        let mut length = None;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).map_err(ctl)? == 0 || h.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let mut out = Vec::new();
+        match length {
+            Some(n) => {
+                out.resize(n, 0);
+                reader.read_exact(&mut out).map_err(ctl)?;
+            }
+            None => {
+                reader.read_to_end(&mut out).map_err(ctl)?;
+            }
+        }
+        Ok((status, String::from_utf8_lossy(&out).into_owned()))
+    }
+
+    /// `PUT /v1/memory {"requested_size": N}`.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError::Refused`] on a non-2xx answer, else as [`ApiClient::request`].
+    pub fn resize(&self, requested: u64) -> Result<(), VmmError> {
+        let body = format!("{{\"requested_size\": {requested}}}");
+        let (status, answer) = self.request("PUT", "/v1/memory", Some(&body))?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(VmmError::Refused {
+                command: format!("PUT /v1/memory {body}"),
+                answer: format!("HTTP {status}: {answer}"),
+            })
+        }
+    }
+
+    /// `GET /v1/memory`.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError::Refused`] on a non-2xx answer, [`VmmError::Control`] on bad JSON.
+    pub fn sizes(&self) -> Result<DeviceSizes, VmmError> {
+        let (status, answer) = self.request("GET", "/v1/memory", None)?;
+        if !(200..300).contains(&status) {
+            return Err(VmmError::Refused {
+                command: "GET /v1/memory".into(),
+                answer: format!("HTTP {status}: {answer}"),
+            });
+        }
+        parse_memory(&answer)
+    }
+}
+
+/// Parses the `GET /v1/memory` body.
+///
+/// # Errors
+///
+/// [`VmmError::Control`] when it is not JSON or lacks `plugged_size`/`requested_size`.
+pub fn parse_memory(body: &str) -> Result<DeviceSizes, VmmError> {
+    let v: Value = serde_json::from_str(body)
+        .map_err(|e| VmmError::Control(format!("GET /v1/memory: invalid JSON ({e}): {body}")))?;
+    let num = |k: &str| v.get(k).and_then(Value::as_u64);
+    let need = |k: &str| {
+        num(k).ok_or_else(|| VmmError::Control(format!("GET /v1/memory: no '{k}' in {body}")))
+    };
+    Ok(DeviceSizes {
+        addr: num("addr").or_else(|| num("start_address")),
+        region_size: num("region_size").unwrap_or(0),
+        block_size: num("block_size").unwrap_or(0),
+        plugged: need("plugged_size")?,
+        requested: need("requested_size")?,
+    })
+}
+
+/// A running instance of our VMM (used once [`Ours::start`] is wired).
+pub struct OursProcess {
+    /// The VMM process (console on its stdin/stdout).
+    pub child: Child,
+    /// Its API.
+    pub api: ApiClient,
+}
+
+impl VmmProcess for OursProcess {
+    fn take_console(&mut self) -> Option<ConsolePipes> {
+        let out = self.child.stdout.take()?;
+        let inp = self.child.stdin.take()?;
+        Some((Box::new(out), Box::new(inp)))
+    }
+
+    fn resize(&mut self, requested: u64) -> Result<(), VmmError> {
+        self.api.resize(requested)
+    }
+
+    fn sizes(&mut self) -> Result<DeviceSizes, VmmError> {
+        self.api.sizes()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!("vmm exited ({status})")),
+            _ => None,
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OursProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn memory_json() {
+        let s = parse_memory(
+            r#"{"plugged_size": 1073741824, "requested_size": 2147483648, "region_size": 4294967296, "block_size": 2097152}"#,
+        )
+        .unwrap();
+        assert_eq!(s.plugged, 1 << 30);
+        assert_eq!(s.requested, 2 << 30);
+        assert_eq!(s.addr, None);
+        assert!(parse_memory(r#"{"requested_size": 1}"#).is_err());
+        assert!(parse_memory("not json").is_err());
+    }
+
+    #[test]
+    fn http_round_trip_against_a_fake_vmm() {
+        let dir = std::env::temp_dir().join(format!("guest-tests-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for answer in [
+                "HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n".to_string(),
+                {
+                    let body = r#"{"plugged_size": 0, "requested_size": 1024}"#;
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                },
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: 5\r\n\r\nnope!".to_string(),
+            ] {
+                let (mut c, _) = listener.accept().unwrap();
+                // Read the whole request (headers, then Content-Length bytes of body).
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = c.read(&mut buf).unwrap();
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                    assert!(n > 0, "client closed early");
+                }
+                seen.push(String::from_utf8_lossy(&req).into_owned());
+                c.write_all(answer.as_bytes()).unwrap();
+            }
+            seen
+        });
+        let api = ApiClient { socket };
+        api.resize(1024).unwrap();
+        assert_eq!(api.sizes().unwrap().requested, 1024);
+        let err = api.resize(3).unwrap_err();
+        assert!(err.to_string().contains("HTTP 400"), "{err}");
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0].starts_with("PUT /v1/memory HTTP/1.1"),
+            "{}",
+            seen[0]
+        );
+        assert!(
+            seen[0].ends_with(r#"{"requested_size": 1024}"#),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[1].starts_with("GET /v1/memory"), "{}", seen[1]);
+    }
+
+    #[test]
+    fn start_reports_not_implemented() {
+        let spec = VmSpec {
+            name: "t".into(),
+            kernel: "k".into(),
+            initrd: "i".into(),
+            cmdline: "c".into(),
+            boot_mem: 512 << 20,
+            hotplug_size: 1 << 30,
+            block_size: 2 << 20,
+            cpus: 1,
+            work_dir: "/tmp".into(),
+        };
+        let err = Ours {
+            binary: "vmm".into(),
+        }
+        .start(&spec)
+        .err()
+        .unwrap();
+        assert!(matches!(err, VmmError::NotImplemented { .. }), "{err}");
+    }
+}

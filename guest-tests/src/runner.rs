@@ -1,0 +1,340 @@
+//! Runs selected scenarios: one guest boot per run of consecutive scenarios that share a
+//! boot configuration (a failed scenario costs a fresh boot for the next one), results
+//! as a summary table and JSON.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::agent::{bad_lines, Report};
+use crate::guest::{Guest, ScenarioError, QUICK};
+use crate::scenarios::{Boot, Kernel, Metrics, Scenario, BOOT_MEM, HOTPLUG_SIZE};
+use crate::vmm::{VmSpec, Vmm};
+
+/// Where things are.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// `target/guest/images`.
+    pub images: PathBuf,
+    /// Console logs of this run.
+    pub logs: PathBuf,
+    /// Sockets (must be a local filesystem, not 9p).
+    pub work: PathBuf,
+}
+
+/// Options of one run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Print every console line as it comes.
+    pub echo: bool,
+    /// Guest vCPUs.
+    pub cpus: u32,
+}
+
+/// One scenario's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    /// Scenario name.
+    pub scenario: String,
+    /// Guest kernel label.
+    pub kernel: String,
+    /// Guest `uname -r`.
+    pub kernel_release: String,
+    /// VMM under test.
+    pub vmm: String,
+    /// Boot configuration label.
+    pub boot: String,
+    /// Passed?
+    pub passed: bool,
+    /// Failure message (empty when passed).
+    pub message: String,
+    /// Wall time of the scenario itself (seconds, boot excluded).
+    pub wall_s: f64,
+    /// Wall time of the guest boot this scenario started (0 when it reused one).
+    pub boot_wall_s: f64,
+    /// Figures it recorded.
+    pub metrics: Metrics,
+    /// Console log of its guest.
+    pub console_log: String,
+}
+
+/// The guest kernel command line for a boot configuration.
+pub fn cmdline(boot: Boot) -> String {
+    let mut c = String::from("console=ttyS0 quiet loglevel=1 panic=-1");
+    let extra = boot.cmdline();
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
+    }
+    c
+}
+
+fn spec_for(kernel: Kernel, boot: Boot, paths: &Paths, opts: &RunOptions, seq: usize) -> VmSpec {
+    let img = paths.images.join(kernel.image());
+    VmSpec {
+        name: format!("{}-{}-{seq}", kernel.label(), boot.label()),
+        kernel: img.join("vmlinuz"),
+        initrd: img.join("initrd.img"),
+        cmdline: cmdline(boot),
+        boot_mem: BOOT_MEM,
+        hotplug_size: HOTPLUG_SIZE,
+        block_size: boot.block_size(),
+        cpus: opts.cpus,
+        work_dir: paths.work.clone(),
+    }
+}
+
+/// After a scenario: any bad kernel line since the driver probed fails it.
+fn post_check(g: &mut Guest) -> Result<(), ScenarioError> {
+    let r = Report::from_lines(&g.agent("dmesg", QUICK)?);
+    let since = r
+        .dmesg
+        .iter()
+        .find(|d| d.text.contains("virtio_mem"))
+        .and_then(|d| d.time)
+        .unwrap_or(0.0);
+    let bad = bad_lines(&r.dmesg, since);
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(ScenarioError::Check(format!(
+            "bad kernel log lines: {:?}",
+            bad.iter().map(|d| &d.text).collect::<Vec<_>>()
+        )))
+    }
+}
+
+/// Runs `selected` (kernel, scenario) pairs in order and prints one line per result.
+pub fn run(
+    vmm: &dyn Vmm,
+    selected: &[(Kernel, &'static Scenario)],
+    paths: &Paths,
+    opts: &RunOptions,
+) -> Vec<ScenarioResult> {
+    let mut results = Vec::new();
+    let mut guest: Option<(Kernel, Boot, Guest)> = None;
+    let mut seq = 0;
+    for &(kernel, sc) in selected {
+        // Reuse the running guest only for the same kernel and boot configuration.
+        if let Some((k, b, _)) = &guest {
+            if *k != kernel || *b != sc.boot {
+                if let Some((_, _, g)) = guest.take() {
+                    g.shutdown();
+                }
+            }
+        }
+        let mut boot_wall_s = 0.0;
+        if guest.is_none() {
+            seq += 1;
+            let spec = spec_for(kernel, sc.boot, paths, opts, seq);
+            let log = paths.logs.join(format!(
+                "{}-{}-{}-{seq}.log",
+                vmm.name(),
+                kernel.label(),
+                sc.boot.label()
+            ));
+            println!(
+                "guest-tests: booting {} guest ({}; {})",
+                kernel.label(),
+                sc.boot.label(),
+                spec.cmdline
+            );
+            let t = Instant::now();
+            match Guest::boot(vmm, &spec, &log, opts.echo) {
+                Ok(g) => {
+                    boot_wall_s = t.elapsed().as_secs_f64();
+                    println!(
+                        "guest-tests:   up: {} in {:.1} s wall ({:.1} s guest uptime), MemTotal {} kB",
+                        g.kernel_release, boot_wall_s, g.ready_uptime, g.boot_memtotal_kb
+                    );
+                    guest = Some((kernel, sc.boot, g));
+                }
+                Err(e) => {
+                    let r = ScenarioResult {
+                        scenario: sc.name.into(),
+                        kernel: kernel.label().into(),
+                        kernel_release: String::new(),
+                        vmm: vmm.name().into(),
+                        boot: sc.boot.label().into(),
+                        passed: false,
+                        message: format!("guest boot failed: {e}"),
+                        wall_s: t.elapsed().as_secs_f64(),
+                        boot_wall_s: 0.0,
+                        metrics: Metrics::new(),
+                        console_log: log.display().to_string(),
+                    };
+                    print_result(&r);
+                    results.push(r);
+                    continue;
+                }
+            }
+        }
+        let Some((_, _, g)) = guest.as_mut() else {
+            continue;
+        };
+        let mut metrics = Metrics::new();
+        let t = Instant::now();
+        let outcome = (sc.run)(g, kernel, &mut metrics).and_then(|()| post_check(g));
+        let wall_s = t.elapsed().as_secs_f64();
+        let (passed, message) = match outcome {
+            Ok(()) => (true, String::new()),
+            Err(e) => {
+                let mut msg = e.to_string();
+                if let Some(why) = g.vmm.exited() {
+                    msg.push_str(&format!(" [{why}]"));
+                }
+                (false, msg)
+            }
+        };
+        let r = ScenarioResult {
+            scenario: sc.name.into(),
+            kernel: kernel.label().into(),
+            kernel_release: g.kernel_release.clone(),
+            vmm: vmm.name().into(),
+            boot: sc.boot.label().into(),
+            passed,
+            message,
+            wall_s,
+            boot_wall_s,
+            metrics,
+            console_log: g.console.log_path().to_string(),
+        };
+        print_result(&r);
+        results.push(r);
+        if !passed {
+            // Unknown state: the next scenario gets a fresh guest.
+            if let Some((_, _, g)) = guest.take() {
+                g.shutdown();
+            }
+        }
+    }
+    if let Some((_, _, g)) = guest.take() {
+        g.shutdown();
+    }
+    results
+}
+
+fn print_result(r: &ScenarioResult) {
+    let figures: Vec<String> = r
+        .metrics
+        .iter()
+        .map(|(k, v)| format!("{k}={v:.2}"))
+        .collect();
+    if r.passed {
+        println!(
+            "PASS {:<15} {:<5} {:>6.1} s  {}",
+            r.scenario,
+            r.kernel,
+            r.wall_s,
+            figures.join(" ")
+        );
+    } else {
+        println!(
+            "FAIL {:<15} {:<5} {:>6.1} s  {}\n     console log: {}",
+            r.scenario, r.kernel, r.wall_s, r.message, r.console_log
+        );
+    }
+}
+
+/// Prints the summary table.
+pub fn print_summary(results: &[ScenarioResult], total_s: f64, where_ran: &str) {
+    println!();
+    println!("guest-tests summary ({where_ran}; VMM RAM backing: anonymous 4 KiB pages, THP as the host allows)");
+    println!(
+        "{:<15} {:<5} {:<6} {:>7} {:>7} {:>9} {:>9}  notes",
+        "scenario", "kern", "result", "wall s", "boot s", "plug lat", "unpl lat"
+    );
+    for r in results {
+        let lat = |k: &str| {
+            r.metrics
+                .get(k)
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        println!(
+            "{:<15} {:<5} {:<6} {:>7.1} {:>7.1} {:>9} {:>9}  {}",
+            r.scenario,
+            r.kernel,
+            if r.passed { "pass" } else { "FAIL" },
+            r.wall_s,
+            r.boot_wall_s,
+            lat("plug_latency_guest_s"),
+            lat("unplug_latency_guest_s"),
+            if r.passed { "" } else { r.message.as_str() }
+        );
+    }
+    let failed = results.iter().filter(|r| !r.passed).count();
+    println!(
+        "{} scenarios, {} passed, {failed} failed, {total_s:.0} s total (latencies: guest seconds from the driver's 'requested size:' log line to MemTotal at target)",
+        results.len(),
+        results.len() - failed
+    );
+}
+
+/// Writes the results as JSON to `dir/<vmm>-<unix time>.json` and `dir/<vmm>-latest.json`.
+///
+/// # Errors
+///
+/// Text of the I/O failure.
+pub fn write_json(
+    dir: &Path,
+    vmm: &str,
+    where_ran: &str,
+    total_s: f64,
+    results: &[ScenarioResult],
+) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let doc = serde_json::json!({
+        "vmm": vmm,
+        "where": where_ran,
+        "unix_time": now,
+        "total_s": total_s,
+        "results": results,
+    });
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    let path = dir.join(format!("{vmm}-{now}.json"));
+    std::fs::write(&path, &text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let latest = dir.join(format!("{vmm}-latest.json"));
+    std::fs::write(&latest, &text).map_err(|e| format!("{}: {e}", latest.display()))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdlines() {
+        assert!(cmdline(Boot::Movable).ends_with("memhp_default_state=online_movable"));
+        assert!(!cmdline(Boot::KernelDefault).contains("memhp"));
+        assert!(cmdline(Boot::AutoMovable).contains("online_policy=auto-movable"));
+    }
+
+    #[test]
+    fn json_written() {
+        let dir = std::env::temp_dir().join(format!("guest-tests-json-{}", std::process::id()));
+        let r = ScenarioResult {
+            scenario: "probe".into(),
+            kernel: "6.1".into(),
+            kernel_release: "x".into(),
+            vmm: "qemu".into(),
+            boot: "movable".into(),
+            passed: true,
+            message: String::new(),
+            wall_s: 1.0,
+            boot_wall_s: 2.0,
+            metrics: Metrics::new(),
+            console_log: "l".into(),
+        };
+        let p = write_json(&dir, "qemu", "direct", 3.0, &[r]).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        assert_eq!(v["results"][0]["scenario"], "probe");
+        assert_eq!(v["where"], "direct");
+    }
+}

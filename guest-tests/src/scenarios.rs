@@ -1,0 +1,794 @@
+//! The Linux end-to-end scenarios (issue 4), each a named check with a clear failure
+//! message. Scenarios that share a boot configuration run in one guest boot, in the
+//! order of [`ALL`]; each brings the device to the state it needs first, so any one can
+//! also run alone.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::agent::{bad_lines, Report};
+use crate::ensure;
+use crate::guest::{Guest, ScenarioError, GIB, MIB, QUICK};
+
+/// Guest kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kernel {
+    /// Debian 12's 6.1 cloud kernel.
+    K61,
+    /// Debian 13's 6.12 cloud kernel.
+    K612,
+}
+
+impl Kernel {
+    /// `6.1` / `6.12`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::K61 => "6.1",
+            Self::K612 => "6.12",
+        }
+    }
+
+    /// Image directory name under `target/guest/images`.
+    pub fn image(self) -> &'static str {
+        match self {
+            Self::K61 => "guest-6.1",
+            Self::K612 => "guest-6.12",
+        }
+    }
+
+    /// Parses `6.1` / `6.12`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "6.1" => Some(Self::K61),
+            "6.12" => Some(Self::K612),
+            _ => None,
+        }
+    }
+}
+
+/// Boot configurations: scenarios with the same one share a guest boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Boot {
+    /// `memhp_default_state=online_movable`, 2 MiB device blocks.
+    Movable,
+    /// `memhp_default_state=offline`.
+    Offline,
+    /// `memhp_default_state=online memory_hotplug.online_policy=auto-movable`.
+    AutoMovable,
+    /// Like [`Boot::Movable`] with 64 MiB device blocks.
+    Block64M,
+    /// Like [`Boot::Movable`] with 128 MiB device blocks (big-block mode).
+    Block128M,
+    /// No `memhp_default_state`: the kernel's built-in default.
+    KernelDefault,
+}
+
+impl Boot {
+    /// Label for logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Movable => "movable",
+            Self::Offline => "offline",
+            Self::AutoMovable => "auto-movable",
+            Self::Block64M => "block-64m",
+            Self::Block128M => "block-128m",
+            Self::KernelDefault => "kernel-default",
+        }
+    }
+
+    /// Onlining-related kernel parameters.
+    pub fn cmdline(self) -> &'static str {
+        match self {
+            Self::Movable | Self::Block64M | Self::Block128M => {
+                "memhp_default_state=online_movable"
+            }
+            Self::Offline => "memhp_default_state=offline",
+            Self::AutoMovable => {
+                "memhp_default_state=online memory_hotplug.online_policy=auto-movable"
+            }
+            Self::KernelDefault => "",
+        }
+    }
+
+    /// virtio-mem device block size.
+    pub fn block_size(self) -> u64 {
+        match self {
+            Self::Block64M => 64 * MIB,
+            Self::Block128M => 128 * MIB,
+            _ => 2 * MIB,
+        }
+    }
+}
+
+/// Guest boot memory for every scenario.
+pub const BOOT_MEM: u64 = 512 * MIB;
+/// virtio-mem region size for every scenario.
+pub const HOTPLUG_SIZE: u64 = 4 * GIB;
+
+/// Figures a scenario records (seconds, MiB, counts).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// A scenario body.
+pub type ScenarioFn = fn(&mut Guest, Kernel, &mut Metrics) -> Result<(), ScenarioError>;
+
+/// One named scenario.
+pub struct Scenario {
+    /// Name for `--scenario` and reports.
+    pub name: &'static str,
+    /// What it shows.
+    pub about: &'static str,
+    /// Its boot configuration.
+    pub boot: Boot,
+    /// Kernels `--suite ci` runs it on.
+    pub ci: &'static [Kernel],
+    /// The body.
+    pub run: ScenarioFn,
+}
+
+const BOTH: &[Kernel] = &[Kernel::K61, Kernel::K612];
+const K61_ONLY: &[Kernel] = &[Kernel::K61];
+
+/// Every scenario, in run order.
+pub const ALL: &[Scenario] = &[
+    Scenario { name: "probe", about: "driver binds; dmesg start/region/block sizes; no bad lines", boot: Boot::Movable, ci: BOTH, run: probe },
+    Scenario { name: "plug", about: "0 -> 1 GiB: MemTotal +1 GiB exactly, blocks online Movable, plugged 1 GiB", boot: Boot::Movable, ci: BOTH, run: plug },
+    Scenario { name: "data", about: "data in plugged memory keeps its checksum across grow and shrink", boot: Boot::Movable, ci: K61_ONLY, run: data },
+    Scenario { name: "unplug", about: "1 GiB -> 0: MemTotal back to boot, blocks gone, VMM RSS falls >= 90% of filled", boot: Boot::Movable, ci: BOTH, run: unplug },
+    Scenario { name: "block-2m", about: "2 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Movable, ci: K61_ONLY, run: block_2m },
+    Scenario { name: "pressure", about: "ask for 0 while the guest holds more than boot memory: partial unplug, no errors; completes once freed", boot: Boot::Movable, ci: K61_ONLY, run: pressure },
+    Scenario { name: "reboot", about: "after a guest reboot the driver sees plugged size 0 at probe", boot: Boot::Movable, ci: K61_ONLY, run: reboot },
+    Scenario { name: "manual-online", about: "memhp_default_state=offline: plugging stalls with offline blocks, finishes after online_movable", boot: Boot::Offline, ci: K61_ONLY, run: manual_online },
+    Scenario { name: "auto-movable", about: "online_policy=auto-movable: Movable/kernel split follows auto_movable_ratio", boot: Boot::AutoMovable, ci: K61_ONLY, run: auto_movable },
+    Scenario { name: "block-64m", about: "64 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Block64M, ci: K61_ONLY, run: block_64m },
+    Scenario { name: "block-128m", about: "128 MiB device blocks: big-block mode, plug/unplug 512 MiB", boot: Boot::Block128M, ci: K61_ONLY, run: block_128m },
+    Scenario { name: "default-online", about: "no memhp_default_state: 6.1 leaves memory offline, 6.12 onlines it into Normal", boot: Boot::KernelDefault, ci: BOTH, run: default_online },
+];
+
+/// Looks a scenario up by name.
+pub fn by_name(name: &str) -> Option<&'static Scenario> {
+    ALL.iter().find(|s| s.name == name)
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#x}")
+}
+
+/// Checks that the guest has exactly `plugged` bytes of virtio-mem memory online (all in
+/// `zone` when given) and that the VMM agrees.
+fn check_online(g: &mut Guest, plugged: u64, zone: Option<&str>) -> Result<Report, ScenarioError> {
+    let r = g.report()?;
+    let s = g.sizes()?;
+    let want_kb = g.memtotal_with(plugged);
+    ensure!(
+        r.memtotal_kb == want_kb,
+        "guest MemTotal is {} kB, expected {} kB (boot {} kB + {} MiB)",
+        r.memtotal_kb,
+        want_kb,
+        g.boot_memtotal_kb,
+        plugged / MIB
+    );
+    ensure!(
+        s.plugged == plugged,
+        "the VMM reports {} MiB plugged, expected {} MiB",
+        s.plugged / MIB,
+        plugged / MIB
+    );
+    ensure!(
+        r.virtio_mem_ram() == plugged,
+        "/proc/iomem has {} MiB of System RAM (virtio_mem), expected {} MiB",
+        r.virtio_mem_ram() / MIB,
+        plugged / MIB
+    );
+    let addr = s.addr.unwrap_or(0);
+    let blocks = r.blocks_in(addr, s.region_size);
+    let want_blocks = if r.block_size == 0 {
+        0
+    } else {
+        plugged.div_ceil(r.block_size)
+    };
+    ensure!(
+        blocks.len() as u64 == want_blocks,
+        "{} memory blocks in the device region, expected {want_blocks}: {:?}",
+        blocks.len(),
+        blocks.iter().map(|b| b.id).collect::<Vec<_>>()
+    );
+    if let Some(b) = blocks.iter().find(|b| b.state != "online") {
+        return Err(ScenarioError::Check(format!(
+            "memory block {} is {}, expected online",
+            b.id, b.state
+        )));
+    }
+    if let Some(zone) = zone {
+        if let Some(b) = blocks.iter().find(|b| b.zones != zone) {
+            return Err(ScenarioError::Check(format!(
+                "memory block {} is in zone {}, expected {zone}",
+                b.id, b.zones
+            )));
+        }
+    }
+    Ok(r)
+}
+
+/// Resizes to `target` and checks the result with [`check_online`]; records latencies
+/// under `<label>_latency_guest_s` / `<label>_host_s`.
+fn resize_checked(
+    g: &mut Guest,
+    target: u64,
+    zone: Option<&str>,
+    label: &str,
+    m: &mut Metrics,
+) -> Result<Report, ScenarioError> {
+    let want_kb = g.memtotal_with(target);
+    let out = g.resize_wait(target, want_kb, Duration::from_secs(180))?;
+    ensure!(
+        out.reached,
+        "{label} to {} MiB: guest MemTotal stayed at {} kB, expected {} kB within 180 s",
+        target / MIB,
+        out.memtotal_kb,
+        want_kb
+    );
+    if let Some(l) = out.guest_latency_s {
+        m.insert(format!("{label}_latency_guest_s"), l);
+    }
+    m.insert(format!("{label}_host_s"), out.host_wall_s);
+    g.wait_plugged(target, Duration::from_secs(30))?;
+    check_online(g, target, zone)
+}
+
+fn probe(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    ensure!(
+        g.modules
+            .iter()
+            .any(|l| l.get("name") == Some("virtio_mem")),
+        "the image lists no virtio_mem module"
+    );
+    let r = g.report()?;
+    let s = g.sizes()?;
+    let start = r.dmesg_value("start address");
+    ensure!(
+        start.is_some(),
+        "no 'virtio_mem ... start address:' line in dmesg: the driver did not bind"
+    );
+    if let Some(addr) = s.addr {
+        ensure!(
+            start == Some(addr),
+            "dmesg start address {:?}, VMM says {}",
+            start.map(hex),
+            hex(addr)
+        );
+    }
+    let region = r.dmesg_value("region size");
+    ensure!(
+        region == Some(s.region_size),
+        "dmesg region size {:?}, VMM says {}",
+        region.map(hex),
+        hex(s.region_size)
+    );
+    let dbs = r.dmesg_value("device block size");
+    ensure!(
+        dbs == Some(s.block_size),
+        "dmesg device block size {:?}, VMM says {}",
+        dbs.map(hex),
+        hex(s.block_size)
+    );
+    let mbs = r.dmesg_value("memory block size");
+    ensure!(
+        mbs == Some(r.block_size),
+        "dmesg memory block size {:?}, sysfs block_size_bytes {}",
+        mbs.map(hex),
+        hex(r.block_size)
+    );
+    let plugged0 = r.dmesg_values("plugged size").first().map(|(_, v)| *v);
+    ensure!(
+        plugged0 == Some(0),
+        "first plugged size at probe is {:?}, expected 0x0",
+        plugged0.map(hex)
+    );
+    let since = first_virtio_mem_time(&r);
+    let bad = bad_lines(&r.dmesg, since);
+    ensure!(
+        bad.is_empty(),
+        "bad kernel log lines: {:?}",
+        bad.iter().map(|d| &d.text).collect::<Vec<_>>()
+    );
+    let addr = start.unwrap_or(0);
+    ensure!(
+        r.iomem
+            .iter()
+            .any(|i| i.name.starts_with("virtio") && i.start == addr && i.size() == s.region_size),
+        "/proc/iomem has no virtioN range {}..+{}: {:?}",
+        hex(addr),
+        hex(s.region_size),
+        r.iomem
+    );
+    m.insert("probe_uptime_s".into(), since);
+    m.insert("boot_wall_s".into(), g.boot_wall_s);
+    m.insert("ready_uptime_s".into(), g.ready_uptime);
+    Ok(())
+}
+
+/// Uptime of the first virtio_mem log line (the probe), 0 if none.
+fn first_virtio_mem_time(r: &Report) -> f64 {
+    r.dmesg
+        .iter()
+        .find(|d| d.text.contains("virtio_mem"))
+        .and_then(|d| d.time)
+        .unwrap_or(0.0)
+}
+
+fn plug(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    g.ensure_plugged(0)?;
+    resize_checked(g, GIB, Some("Movable"), "plug", m)?;
+    Ok(())
+}
+
+/// MiB the data scenario writes into 1 GiB of plugged memory.
+const DATA_MIB: u64 = 640;
+
+fn data(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    g.ensure_plugged(GIB)?;
+    if g.filled_mib > 0 {
+        g.free()?;
+    }
+    let t = Instant::now();
+    g.fill(DATA_MIB, true)?;
+    m.insert("fill_mib".into(), DATA_MIB as f64);
+    m.insert("fill_s".into(), t.elapsed().as_secs_f64());
+    resize_checked(g, GIB + GIB / 2, Some("Movable"), "grow", m)?;
+    g.verify("after growing to 1.5 GiB")?;
+    resize_checked(g, GIB, Some("Movable"), "shrink", m)?;
+    g.verify("after shrinking back to 1 GiB (blocks unplugged under the data)")?;
+    Ok(())
+}
+
+fn unplug(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    g.ensure_plugged(GIB)?;
+    if g.filled_mib == 0 {
+        g.fill(DATA_MIB, false)?;
+    }
+    let filled = g.filled_mib * MIB;
+    // The guest frees its data first: boot memory alone could not take it.
+    g.free()?;
+    let rss_before = g.vmm_rss()?;
+    let want_kb = g.boot_memtotal_kb;
+    let out = g.resize_wait(0, want_kb, Duration::from_secs(180))?;
+    ensure!(
+        out.reached,
+        "unplug to 0: guest MemTotal stayed at {} kB, expected the boot value {} kB",
+        out.memtotal_kb,
+        want_kb
+    );
+    if let Some(l) = out.guest_latency_s {
+        m.insert("unplug_latency_guest_s".into(), l);
+    }
+    m.insert("unplug_host_s".into(), out.host_wall_s);
+    g.wait_plugged(0, Duration::from_secs(30))?;
+    check_online(g, 0, None)?;
+    let rss_after = g.vmm_rss()?;
+    let drop = rss_before.saturating_sub(rss_after);
+    m.insert("filled_mib".into(), (filled / MIB) as f64);
+    m.insert("rss_before_mib".into(), (rss_before / MIB) as f64);
+    m.insert("rss_after_mib".into(), (rss_after / MIB) as f64);
+    m.insert("rss_drop_mib".into(), (drop / MIB) as f64);
+    ensure!(
+        drop.saturating_mul(10) >= filled.saturating_mul(9),
+        "VMM RSS fell by {} MiB ({} -> {} MiB), less than 90% of the {} MiB the guest filled",
+        drop / MIB,
+        rss_before / MIB,
+        rss_after / MIB,
+        filled / MIB
+    );
+    Ok(())
+}
+
+/// Plug and unplug 512 MiB with the boot's block size; checks the driver's mode line.
+fn block_cycle(g: &mut Guest, big_block: bool, m: &mut Metrics) -> Result<(), ScenarioError> {
+    let r = g.report()?;
+    let s = g.sizes()?;
+    ensure!(
+        s.block_size == g.spec.block_size,
+        "VMM device block size {} MiB, configured {} MiB",
+        s.block_size / MIB,
+        g.spec.block_size / MIB
+    );
+    let dbs = r.dmesg_value("device block size");
+    ensure!(
+        dbs == Some(s.block_size),
+        "dmesg device block size {:?}, expected {}",
+        dbs.map(hex),
+        hex(s.block_size)
+    );
+    if big_block {
+        let bbs = r.dmesg_value("big block size");
+        ensure!(
+            bbs.is_some(),
+            "driver is not in big-block mode (no 'big block size:' line) with {} MiB blocks",
+            s.block_size / MIB
+        );
+    } else {
+        let sbs = r.dmesg_value("subblock size");
+        ensure!(
+            sbs == Some(s.block_size.max(2 * MIB)),
+            "driver subblock size {:?}, expected {} (sub-block mode)",
+            sbs.map(hex),
+            hex(s.block_size.max(2 * MIB))
+        );
+    }
+    g.ensure_plugged(0)?;
+    resize_checked(g, 512 * MIB, Some("Movable"), "plug", m)?;
+    let want_kb = g.boot_memtotal_kb;
+    let out = g.resize_wait(0, want_kb, Duration::from_secs(180))?;
+    ensure!(
+        out.reached,
+        "unplug: MemTotal {} kB, expected {} kB",
+        out.memtotal_kb,
+        want_kb
+    );
+    if let Some(l) = out.guest_latency_s {
+        m.insert("unplug_latency_guest_s".into(), l);
+    }
+    g.wait_plugged(0, Duration::from_secs(30))?;
+    check_online(g, 0, None)?;
+    Ok(())
+}
+
+fn block_2m(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    block_cycle(g, false, m)
+}
+
+fn block_64m(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    block_cycle(g, false, m)
+}
+
+fn block_128m(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    block_cycle(g, true, m)
+}
+
+/// MiB the pressure scenario holds: more than the 512 MiB of boot memory.
+const PRESSURE_MIB: u64 = 640;
+
+fn pressure(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    g.ensure_plugged(GIB)?;
+    if !(g.filled_mib >= PRESSURE_MIB && g.filled_checked) {
+        if g.filled_mib > 0 {
+            g.free()?;
+        }
+        g.fill(PRESSURE_MIB, true)?;
+    }
+    ensure!(
+        g.filled_mib * 1024 > g.boot_memtotal_kb,
+        "setup: {} MiB of data would fit in boot memory ({} kB)",
+        g.filled_mib,
+        g.boot_memtotal_kb
+    );
+    let t0 = Instant::now();
+    g.vmm.resize(0)?;
+    // Sample until the plugged size stops moving; the device must never hold less than
+    // what the guest provably still uses outside boot memory.
+    let mut min_plugged = u64::MAX;
+    let mut stable_since = Instant::now();
+    let mut last = u64::MAX;
+    loop {
+        let s = g.sizes()?;
+        let mi = Report::from_lines(&g.agent("meminfo", QUICK)?);
+        let used_kb = mi.memtotal_kb.saturating_sub(mi.memfree_kb);
+        let beyond_boot = used_kb.saturating_sub(g.boot_memtotal_kb) * 1024;
+        ensure!(
+            s.plugged >= beyond_boot,
+            "plugged size {} MiB dropped below what the guest uses beyond boot memory ({} MiB)",
+            s.plugged / MIB,
+            beyond_boot / MIB
+        );
+        min_plugged = min_plugged.min(s.plugged);
+        if s.plugged != last {
+            last = s.plugged;
+            stable_since = Instant::now();
+        }
+        if s.plugged == 0 || stable_since.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(180),
+            "plugged size still moving after 180 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    m.insert("stalled_plugged_mib".into(), (last / MIB) as f64);
+    m.insert(
+        "partial_unplug_s".into(),
+        stable_since.duration_since(t0).as_secs_f64(),
+    );
+    ensure!(
+        last > 0,
+        "everything was unplugged although the guest holds {} MiB more than its boot memory",
+        g.filled_mib
+    );
+    ensure!(
+        last < GIB,
+        "nothing was unplugged (plugged still 1 GiB) although part of it was free"
+    );
+    g.verify("while the host asked for 0")?;
+    let r = g.report()?;
+    let since = first_virtio_mem_time(&r);
+    let bad = bad_lines(&r.dmesg, since);
+    ensure!(
+        bad.is_empty(),
+        "bad kernel log lines under pressure: {:?}",
+        bad.iter().map(|d| &d.text).collect::<Vec<_>>()
+    );
+    // Free the data: the driver retries on its own only after its retry timer (50 s,
+    // doubling to 300 s); a config-change notification (re-sending requested size 0)
+    // makes it retry at once, which is what an operator's tool should do.
+    g.free()?;
+    let want_kb = g.boot_memtotal_kb;
+    let out = g.resize_wait(0, want_kb, Duration::from_secs(180))?;
+    ensure!(
+        out.reached,
+        "after freeing the data: MemTotal {} kB, expected boot {} kB",
+        out.memtotal_kb,
+        want_kb
+    );
+    m.insert("complete_after_free_host_s".into(), out.host_wall_s);
+    if let Some(l) = out.guest_latency_s {
+        m.insert("complete_after_free_guest_s".into(), l);
+    }
+    g.wait_plugged(0, Duration::from_secs(30))?;
+    check_online(g, 0, None)?;
+    Ok(())
+}
+
+fn reboot(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    g.ensure_plugged(512 * MIB)?;
+    g.console.send("reboot")?;
+    let t = Instant::now();
+    g.wait_ready(t)?;
+    m.insert("reboot_wall_s".into(), g.boot_wall_s);
+    let r = g.report()?;
+    let plugged = r.dmesg_values("plugged size");
+    ensure!(
+        plugged.first().map(|(_, v)| *v) == Some(0),
+        "after reboot the driver's first plugged size is {:?}, expected 0x0",
+        plugged.first().map(|(_, v)| hex(*v))
+    );
+    let requested = r.dmesg_values("requested size");
+    ensure!(
+        requested.first().map(|(_, v)| *v) == Some(512 * MIB),
+        "after reboot the driver's first requested size is {:?}, expected the kept 512 MiB",
+        requested.first().map(|(_, v)| hex(*v))
+    );
+    // The request survives the reboot, so the driver plugs it again.
+    let want_kb = g.memtotal_with(512 * MIB);
+    let out = g.agent(
+        &format!("wait_mem {want_kb} 120 eq"),
+        Duration::from_secs(180),
+    )?;
+    ensure!(
+        out.iter().any(|l| l.kind == "mem_reached"),
+        "after reboot the guest did not re-plug the requested 512 MiB"
+    );
+    g.wait_plugged(512 * MIB, Duration::from_secs(30))?;
+    g.ensure_plugged(0)?;
+    Ok(())
+}
+
+fn manual_online(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    let target = 2 * GIB;
+    let t0 = Instant::now();
+    g.vmm.resize(target)?;
+    let s = g.wait_plugged_stable(Duration::from_secs(5), Duration::from_secs(120))?;
+    let r = g.report()?;
+    let region = r.blocks_in(s.addr.unwrap_or(0), s.region_size);
+    let offline = region.iter().filter(|b| b.state == "offline").count();
+    m.insert("stalled_plugged_mib".into(), (s.plugged / MIB) as f64);
+    m.insert("stalled_offline_blocks".into(), offline as f64);
+    ensure!(
+        s.plugged < target,
+        "plugging did not stall: {} MiB plugged with nothing onlining the memory",
+        s.plugged / MIB
+    );
+    ensure!(
+        offline > 0,
+        "no offline memory blocks while plugging stalled"
+    );
+    ensure!(
+        r.memtotal_kb == g.boot_memtotal_kb,
+        "MemTotal grew to {} kB although no block was onlined",
+        r.memtotal_kb
+    );
+    // Online from the guest until the driver has plugged everything.
+    let t1 = Instant::now();
+    loop {
+        g.agent("online_movable", QUICK)?;
+        let s = g.sizes()?;
+        let r = g.report()?;
+        let offline = r
+            .blocks_in(s.addr.unwrap_or(0), s.region_size)
+            .iter()
+            .filter(|b| b.state == "offline")
+            .count();
+        if s.plugged == target && offline == 0 {
+            break;
+        }
+        ensure!(
+            t1.elapsed() < Duration::from_secs(180),
+            "plugging did not finish after onlining for 180 s: {} MiB plugged, {offline} offline blocks",
+            s.plugged / MIB
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    m.insert("finish_after_online_s".into(), t1.elapsed().as_secs_f64());
+    m.insert("total_s".into(), t0.elapsed().as_secs_f64());
+    check_online(g, target, Some("Movable"))?;
+    Ok(())
+}
+
+fn auto_movable(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    let r0 = g.report()?;
+    let kernel = r0.kernel_present_bytes();
+    let ratio_out = g.agent(
+        "sh cat /sys/module/memory_hotplug/parameters/auto_movable_ratio",
+        QUICK,
+    )?;
+    let ratio: u64 = ratio_out
+        .iter()
+        .find(|l| l.kind == "out")
+        .and_then(|l| l.msg.as_deref())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(301);
+    let target = 2 * GIB;
+    ensure!(
+        target * 100 > ratio * kernel,
+        "setup: {} MiB is not above the ratio ({ratio}%) of {} MiB kernel memory",
+        target / MIB,
+        kernel / MIB
+    );
+    let want_kb = g.memtotal_with(target);
+    let out = g.resize_wait(target, want_kb, Duration::from_secs(180))?;
+    ensure!(
+        out.reached,
+        "MemTotal {} kB, expected {} kB",
+        out.memtotal_kb,
+        want_kb
+    );
+    g.wait_plugged(target, Duration::from_secs(30))?;
+    let r = check_online(g, target, None)?;
+    let s = g.sizes()?;
+    let blocks = r.blocks_in(s.addr.unwrap_or(0), s.region_size);
+    let bs = r.block_size;
+    let movable = blocks.iter().filter(|b| b.zones == "Movable").count() as u64 * bs;
+    let normal = blocks.iter().filter(|b| b.zones == "Normal").count() as u64 * bs;
+    // The kernel's rule (mm/memory_hotplug.c auto_movable_can_online_movable): a block
+    // goes to Movable while movable <= ratio% of (boot kernel memory + this device's
+    // kernel-zone memory), else to Normal. Simulate it block by block.
+    let (mut em, mut en) = (0u64, 0u64);
+    for _ in 0..blocks.len() {
+        if (em + bs) * 100 <= ratio * (kernel + en) {
+            em += bs;
+        } else {
+            en += bs;
+        }
+    }
+    m.insert("kernel_mib".into(), (kernel / MIB) as f64);
+    m.insert("movable_mib".into(), (movable / MIB) as f64);
+    m.insert("normal_mib".into(), (normal / MIB) as f64);
+    m.insert("expected_movable_mib".into(), (em / MIB) as f64);
+    ensure!(
+        movable + normal == target,
+        "zones of the plugged blocks: {} MiB Movable + {} MiB Normal != {} MiB",
+        movable / MIB,
+        normal / MIB,
+        target / MIB
+    );
+    ensure!(
+        normal > 0,
+        "all {} MiB went to Movable, beyond {ratio}% of {} MiB kernel memory",
+        movable / MIB,
+        kernel / MIB
+    );
+    ensure!(
+        movable * 100 <= ratio * (kernel + normal),
+        "Movable {} MiB exceeds {ratio}% of kernel memory {} MiB (boot) + {} MiB (Normal)",
+        movable / MIB,
+        kernel / MIB,
+        normal / MIB
+    );
+    ensure!(
+        movable.abs_diff(em) <= bs,
+        "Movable {} MiB, the ratio rule predicts {} MiB (Normal {} MiB vs {} MiB)",
+        movable / MIB,
+        em / MIB,
+        normal / MIB,
+        en / MIB
+    );
+    Ok(())
+}
+
+fn default_online(g: &mut Guest, k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    let target = 512 * MIB;
+    match k {
+        Kernel::K612 => {
+            // CONFIG_MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO: onlined, into ZONE_NORMAL, where
+            // unplug is not reliable. Our VMM passes memhp_default_state=online_movable.
+            let r = resize_checked(g, target, Some("Normal"), "plug", m)?;
+            ensure!(
+                r.auto_online == "online",
+                "auto_online_blocks is '{}', expected online",
+                r.auto_online
+            );
+        }
+        Kernel::K61 => {
+            // CONFIG_MEMORY_HOTPLUG_DEFAULT_ONLINE off: the blocks stay offline.
+            g.vmm.resize(target)?;
+            let s = g.wait_plugged_stable(Duration::from_secs(4), Duration::from_secs(60))?;
+            let r = g.report()?;
+            ensure!(
+                r.auto_online == "offline",
+                "auto_online_blocks is '{}', expected offline",
+                r.auto_online
+            );
+            ensure!(
+                r.memtotal_kb == g.boot_memtotal_kb,
+                "MemTotal grew to {} kB: 6.1 should not online hotplugged memory by default",
+                r.memtotal_kb
+            );
+            let region = r.blocks_in(s.addr.unwrap_or(0), s.region_size);
+            ensure!(
+                !region.is_empty() && region.iter().all(|b| b.state == "offline"),
+                "expected offline blocks in the region, got {:?}",
+                region
+                    .iter()
+                    .map(|b| (b.id, b.state.as_str()))
+                    .collect::<Vec<_>>()
+            );
+            m.insert("plugged_offline_mib".into(), (s.plugged / MIB) as f64);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_found() {
+        for s in ALL {
+            assert_eq!(
+                ALL.iter().filter(|o| o.name == s.name).count(),
+                1,
+                "{}",
+                s.name
+            );
+            assert!(by_name(s.name).is_some());
+        }
+        assert!(by_name("nope").is_none());
+    }
+
+    #[test]
+    fn ci_set_covers_issue() {
+        // Every scenario on 6.1, at least probe/plug/unplug on 6.12.
+        assert!(ALL.iter().all(|s| s.ci.contains(&Kernel::K61)));
+        for n in ["probe", "plug", "unplug"] {
+            assert!(by_name(n).unwrap().ci.contains(&Kernel::K612), "{n}");
+        }
+    }
+
+    #[test]
+    fn boot_groups_are_contiguous() {
+        // Scenarios sharing a boot must be adjacent so one boot serves them all.
+        let mut seen = Vec::new();
+        for s in ALL {
+            if seen.last() != Some(&s.boot) {
+                assert!(!seen.contains(&s.boot), "{:?} split", s.boot);
+                seen.push(s.boot);
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_parse() {
+        assert_eq!(Kernel::parse("6.1"), Some(Kernel::K61));
+        assert_eq!(Kernel::parse("6.12"), Some(Kernel::K612));
+        assert_eq!(Kernel::parse("5.10"), None);
+    }
+}

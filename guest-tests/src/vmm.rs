@@ -1,0 +1,165 @@
+//! The VMM under test, as a parameter: what the scenarios need from any VMM.
+//!
+//! A [`Vmm`] starts a guest from a [`VmSpec`] and hands back a [`VmmProcess`]: the guest's
+//! serial console (the VMM's stdin/stdout), the virtio-mem resize control and size query,
+//! and the host process id for RSS. Implementations: [`crate::qemu`] (the reference
+//! device, QEMU's `virtio-mem-pci`) and [`crate::ours`] (this project's VMM).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// A name for logs and sockets (unique within a run).
+    pub name: String,
+    /// Guest kernel (bzImage).
+    pub kernel: PathBuf,
+    /// Guest initramfs.
+    pub initrd: PathBuf,
+    /// Full kernel command line (the harness includes the onlining policy it wants).
+    pub cmdline: String,
+    /// Boot RAM in bytes.
+    pub boot_mem: u64,
+    /// virtio-mem region size in bytes.
+    pub hotplug_size: u64,
+    /// virtio-mem device block size in bytes.
+    pub block_size: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Directory for sockets and VMM logs.
+    pub work_dir: PathBuf,
+}
+
+/// The virtio-mem device's sizes as the VMM reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceSizes {
+    /// Guest-physical start of the region, when the VMM reports it.
+    pub addr: Option<u64>,
+    /// Region size.
+    pub region_size: u64,
+    /// Device block size.
+    pub block_size: u64,
+    /// Plugged size.
+    pub plugged: u64,
+    /// Requested size.
+    pub requested: u64,
+}
+
+/// Errors of the VMM adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The VMM binary could not be started.
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        /// The binary.
+        binary: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The control socket did not appear or refused the connection.
+    #[error("cannot connect to the VMM control socket {path}: {reason}")]
+    Connect {
+        /// The socket path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A control-channel exchange failed (I/O or protocol).
+    #[error("VMM control channel: {0}")]
+    Control(String),
+    /// The VMM answered a command with an error.
+    #[error("the VMM refused '{command}': {answer}")]
+    Refused {
+        /// The command.
+        command: String,
+        /// Its answer.
+        answer: String,
+    },
+    /// The adapter is not wired to a VMM yet.
+    #[error("VMM '{vmm}' is not implemented yet: {what}")]
+    NotImplemented {
+        /// The adapter.
+        vmm: String,
+        /// What is missing.
+        what: String,
+    },
+}
+
+/// The guest console's two ends, as the VMM exposes them.
+pub type ConsolePipes = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+
+/// A VMM under test.
+pub trait Vmm {
+    /// Short name (`qemu`, `ours`).
+    fn name(&self) -> &str;
+    /// Starts a guest.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError`] when the VMM cannot be started or its control channel not reached.
+    fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmmProcess>, VmmError>;
+}
+
+/// A running guest under a VMM.
+pub trait VmmProcess {
+    /// The guest console (VMM stdout, VMM stdin); `None` after the first call.
+    fn take_console(&mut self) -> Option<ConsolePipes>;
+    /// Sets the virtio-mem requested size.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError`] when the VMM refuses or cannot be reached.
+    fn resize(&mut self, requested: u64) -> Result<(), VmmError>;
+    /// Queries the device's sizes (plugged, requested, ...).
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError`] when the VMM cannot be reached or answers nonsense.
+    fn sizes(&mut self) -> Result<DeviceSizes, VmmError>;
+    /// Host process id (for RSS).
+    fn pid(&self) -> u32;
+    /// `Some(description)` once the VMM process has exited.
+    fn exited(&mut self) -> Option<String>;
+    /// Stops the VMM (kill if needed) and reaps it.
+    fn stop(&mut self);
+}
+
+/// Resident set size of a host process in bytes, from `/proc/PID/smaps_rollup`.
+///
+/// # Errors
+///
+/// Text of the I/O or parse failure.
+pub fn rss_bytes(pid: u32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    parse_rss_kb(&text)
+        .map(|kb| kb.saturating_mul(1024))
+        .ok_or_else(|| format!("{path}: no Rss: line"))
+}
+
+/// The `Rss:` value (kB) of a smaps_rollup text.
+pub fn parse_rss_kb(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("Rss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_parse() {
+        let t = "55d0-7ff [rollup]\nRss:              123456 kB\nPss:  1 kB\n";
+        assert_eq!(parse_rss_kb(t), Some(123456));
+        assert_eq!(parse_rss_kb("Pss: 1 kB"), None);
+    }
+
+    #[test]
+    fn own_rss_is_readable() {
+        let rss = rss_bytes(std::process::id()).unwrap();
+        assert!(rss > 0);
+    }
+}
