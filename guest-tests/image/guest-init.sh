@@ -28,6 +28,13 @@ say() {
     echo "AGENT $* t=$UP"
 }
 
+# MemTotal before virtio_mem can add anything (after a reboot with a request pending, the
+# driver plugs memory as soon as it probes).
+BOOT_MEMTOTAL=0
+while read -r k v _; do
+    [ "$k" = "MemTotal:" ] && BOOT_MEMTOTAL=$v
+done </proc/meminfo
+
 # Modules, in dependency order (etc/modules lists "name status" from the builder:
 # status "module" = lib/modules/<name>.ko, "builtin" = compiled into the kernel).
 while read -r name status; do
@@ -89,7 +96,7 @@ report_iomem() {
 }
 
 report_dmesg() { # $1 = pattern (egrep), default: virtio_mem lines and bad signs
-    pat=${1:-'virtio_mem|virtio-mem|WARNING:|BUG:|Oops|Call Trace|onlining denied|marking device broken'}
+    pat=${1:-'virtio_mem|virtio-mem|WARNING:|BUG:|Oops|Call Trace|onlining denied|marking device broken|allocation failure|Out of memory|guest-agent:'}
     dmesg | grep -E "$pat" | while read -r line; do
         echo "AGENT dmesg msg=$line"
     done
@@ -201,7 +208,7 @@ cmd_sh() {
 }
 
 up
-say "ready kernel=$(uname -r) memtotal_kb=$(meminfo_kb MemTotal) blocksize=0x$(block_size_hex) cmdline=$(tr ' ' ',' </proc/cmdline)"
+say "ready kernel=$(uname -r) boot_memtotal_kb=$BOOT_MEMTOTAL memtotal_kb=$(meminfo_kb MemTotal) blocksize=0x$(block_size_hex) cmdline=$(tr ' ' ',' </proc/cmdline)"
 
 while :; do
     if ! read -r cmd args; then
@@ -221,12 +228,15 @@ while :; do
     dmesg_all) report_dmesg '.' ;;
     fill) cmd_fill $args ;;
     verify) cmd_verify ;;
-    free) rm -f /data/fill /data/fill.sum; sync ;;
+    # Truncating with a builtin redirection frees the pages without forking: under
+    # memory pressure (pressure scenario) a fork may be impossible.
+    free) : >/data/fill; rm -f /data/fill /data/fill.sum ;;
     online_movable) cmd_online online_movable ;;
     online_kernel) cmd_online online_kernel ;;
     online) cmd_online online ;;
     wait_mem) cmd_wait_mem $args ;;
     sh) cmd_sh "$args" ;;
+    mark) echo "guest-agent: $args" >/dev/kmsg ;;
     reboot) say "done cmd=reboot"; sync; reboot -f ;;
     poweroff) say "done cmd=poweroff"; sync; poweroff -f ;;
     *) say "error msg=unknown command: $cmd" ;;

@@ -321,15 +321,38 @@ pub const BAD_SIGNS: &[&str] = &[
     "Call Trace",
 ];
 
+/// Marks of the guest running out of memory: bad except where a scenario squeezes
+/// the guest on purpose (pressure), where they are the expected cost.
+pub const OOM_SIGNS: &[&str] = &["page allocation failure", "Out of memory"];
+
 /// Bad-sign lines logged at or after `since` (guest uptime, seconds).
 ///
 /// Lines before `since` are boot-time noise of the nested test CPU (e.g. an xstate
 /// warning), unrelated to virtio-mem: callers pass the time of the first virtio_mem line.
-pub fn bad_lines(dmesg: &[DmesgLine], since: f64) -> Vec<&DmesgLine> {
+/// With `allow_oom`, page allocation failures and the `Call Trace:` that the kernel
+/// prints with them (within a second) are not counted.
+pub fn bad_lines(dmesg: &[DmesgLine], since: f64, allow_oom: bool) -> Vec<&DmesgLine> {
+    let oom_times: Vec<f64> = dmesg
+        .iter()
+        .filter(|d| OOM_SIGNS.iter().any(|b| d.text.contains(b)))
+        .filter_map(|d| d.time)
+        .collect();
     dmesg
         .iter()
         .filter(|d| d.time.is_none_or(|t| t >= since))
-        .filter(|d| BAD_SIGNS.iter().any(|b| d.text.contains(b)))
+        .filter(|d| {
+            let oom = OOM_SIGNS.iter().any(|b| d.text.contains(b));
+            if oom {
+                return !allow_oom;
+            }
+            if !BAD_SIGNS.iter().any(|b| d.text.contains(b)) {
+                return false;
+            }
+            let follows_oom = d.text.contains("Call Trace")
+                && d.time
+                    .is_some_and(|t| oom_times.iter().any(|o| t >= *o && t - *o < 1.0));
+            !(allow_oom && follows_oom)
+        })
         .collect()
 }
 
@@ -411,7 +434,23 @@ mod tests {
     #[test]
     fn bad_lines_respect_since() {
         let r = report();
-        assert_eq!(bad_lines(&r.dmesg, 0.0).len(), 1);
-        assert!(bad_lines(&r.dmesg, 4.0).is_empty());
+        assert_eq!(bad_lines(&r.dmesg, 0.0, false).len(), 1);
+        assert!(bad_lines(&r.dmesg, 4.0, false).is_empty());
+    }
+
+    #[test]
+    fn allocation_failures_only_allowed_when_asked() {
+        let d: Vec<_> = [
+            "[ 48.70] kworker/0:1: page allocation failure: order:0, mode:0x140cca",
+            "[ 48.78] Call Trace:",
+            "[ 60.00] Call Trace:",
+        ]
+        .iter()
+        .map(|l| DmesgLine::parse(l))
+        .collect();
+        assert_eq!(bad_lines(&d, 0.0, false).len(), 3);
+        let allowed = bad_lines(&d, 0.0, true);
+        assert_eq!(allowed.len(), 1);
+        assert_eq!(allowed[0].time, Some(60.0));
     }
 }

@@ -32,6 +32,16 @@ pub enum ConsoleError {
         /// The console log file.
         log: String,
     },
+    /// The guest kernel panicked (seen on the console).
+    #[error("guest kernel panic while waiting for {waiting_for}: {line} (console log: {log})")]
+    GuestPanic {
+        /// What we waited for.
+        waiting_for: String,
+        /// The panic line.
+        line: String,
+        /// The console log file.
+        log: String,
+    },
     /// Writing a command to the VMM's stdin failed.
     #[error("cannot send '{command}' to the guest console: {source}")]
     Send {
@@ -165,6 +175,12 @@ impl Console {
                         if hit {
                             return Ok((lines, line.at));
                         }
+                    } else if line.text.contains("Kernel panic - not syncing") {
+                        return Err(ConsoleError::GuestPanic {
+                            waiting_for: what.to_string(),
+                            line: line.text,
+                            log: self.log_path.clone(),
+                        });
                     } else {
                         log::trace!("console: {}", line.text);
                     }
@@ -227,6 +243,14 @@ mod tests {
         let lines = c.command("meminfo", Duration::from_secs(5)).unwrap();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0].get_u64("memtotal_kb"), Some(1));
+    }
+
+    #[test]
+    fn guest_panic_is_reported() {
+        let out = "[  113.6] Kernel panic - not syncing: System is deadlocked on memory\n";
+        let mut c = Console::new(Box::new(Cursor::new(out)), sink(), &log(), false).unwrap();
+        let err = c.command("report", Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(err, ConsoleError::GuestPanic { .. }), "{err}");
     }
 
     #[test]

@@ -154,7 +154,10 @@ impl Guest {
             .cloned()
             .ok_or_else(|| ScenarioError::Check("no ready line".into()))?;
         self.modules = lines.into_iter().filter(|l| l.kind == "module").collect();
-        self.boot_memtotal_kb = ready.get_u64("memtotal_kb").unwrap_or(0);
+        self.boot_memtotal_kb = ready
+            .get_u64("boot_memtotal_kb")
+            .or_else(|| ready.get_u64("memtotal_kb"))
+            .unwrap_or(0);
         self.kernel_release = ready.get("kernel").unwrap_or("").to_string();
         self.ready_uptime = ready.uptime().unwrap_or(0.0);
         self.boot_wall_s = start.elapsed().as_secs_f64();

@@ -85,16 +85,20 @@ fn spec_for(kernel: Kernel, boot: Boot, paths: &Paths, opts: &RunOptions, seq: u
     }
 }
 
-/// After a scenario: any bad kernel line since the driver probed fails it.
-fn post_check(g: &mut Guest) -> Result<(), ScenarioError> {
+/// After a scenario: any bad kernel line since it started (its `guest-agent: start`
+/// mark in the kernel log; the driver's probe when the guest rebooted) fails it.
+fn post_check(g: &mut Guest, name: &str, allow_oom: bool) -> Result<(), ScenarioError> {
     let r = Report::from_lines(&g.agent("dmesg", QUICK)?);
+    let mark = format!("guest-agent: start {name}");
     let since = r
         .dmesg
         .iter()
-        .find(|d| d.text.contains("virtio_mem"))
+        .rev()
+        .find(|d| d.text == mark)
+        .or_else(|| r.dmesg.iter().find(|d| d.text.contains("virtio_mem")))
         .and_then(|d| d.time)
         .unwrap_or(0.0);
-    let bad = bad_lines(&r.dmesg, since);
+    let bad = bad_lines(&r.dmesg, since, allow_oom);
     if bad.is_empty() {
         Ok(())
     } else {
@@ -175,7 +179,10 @@ pub fn run(
         };
         let mut metrics = Metrics::new();
         let t = Instant::now();
-        let outcome = (sc.run)(g, kernel, &mut metrics).and_then(|()| post_check(g));
+        let outcome = g
+            .agent(&format!("mark start {}", sc.name), QUICK)
+            .and_then(|_| (sc.run)(g, kernel, &mut metrics))
+            .and_then(|()| post_check(g, sc.name, sc.name == "pressure"));
         let wall_s = t.elapsed().as_secs_f64();
         let (passed, message) = match outcome {
             Ok(()) => (true, String::new()),
