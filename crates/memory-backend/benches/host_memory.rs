@@ -135,18 +135,41 @@ fn opts(threads: usize, method: PopulateMethod) -> PopulateOptions {
     }
 }
 
-/// Seconds to plug `size` with `o`; unplugs (untimed) afterwards.
-fn time_populate(r: &MemoryRegion, size: u64, o: &PopulateOptions) -> f64 {
+/// CPU seconds used by the whole process so far (all threads).
+fn process_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for one timespec.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(r, 0);
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// (wall seconds, process CPU seconds) to plug `size` with `o`; unplugs (untimed)
+/// afterwards. CPU seconds show whether threads contend (CPU per GiB grows) or only wait
+/// for a CPU (CPU per GiB stays, wall time suffers from other load).
+fn time_populate(r: &MemoryRegion, size: u64, o: &PopulateOptions) -> (f64, f64) {
+    let cpu = process_cpu_secs();
     let t = Instant::now();
     let report = r.plug_with(0, size, Some(o)).unwrap().unwrap();
     let secs = t.elapsed().as_secs_f64();
+    let cpu = process_cpu_secs() - cpu;
     assert!(report.threads >= 1);
     r.unplug_all().unwrap();
-    secs
+    (secs, cpu)
 }
 
 fn table_row(section: &str, case: &str, kind: &str, threads: usize, gib: f64, ratio: &str) {
     println!("{section:<9} {case:<34} {kind:<12} {threads:>7} {gib:>8.2} {ratio:>9}");
+}
+
+fn table_row_cpu(case: &str, kind: &str, threads: usize, gib: f64, ratio: &str, gib_per_cpu: f64) {
+    println!(
+        "{:<9} {case:<34} {kind:<12} {threads:>7} {gib:>8.2} {ratio:>9} {gib_per_cpu:>10.2}",
+        "populate"
+    );
 }
 
 fn main() {
@@ -197,8 +220,8 @@ fn main() {
     }
 
     println!(
-        "\n{:<9} {:<34} {:<12} {:>7} {:>8} {:>9}",
-        "section", "case", "kind", "threads", "GiB/s", "ratio"
+        "\n{:<9} {:<34} {:<12} {:>7} {:>8} {:>9} {:>10}",
+        "section", "case", "kind", "threads", "GiB/s", "ratio", "GiB/cpu-s"
     );
     table_row("cold", "first populate (1 thread)", "anon-thp", 1, cold, "");
     for (i, g) in warmups.iter().enumerate() {
@@ -249,23 +272,28 @@ fn main() {
         // Interleave the cases rep by rep, so drift (other load, page allocator state)
         // spreads over all of them instead of biasing the one measured first.
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        let mut cpu_samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         for _ in 0..args.reps {
             for (i, &(_, _, t, method)) in cases.iter().enumerate() {
-                samples[i].push(time_populate(&r, size, &opts(t, method)));
+                let (wall, cpu) = time_populate(&r, size, &opts(t, method));
+                samples[i].push(wall);
+                cpu_samples[i].push(cpu);
             }
         }
         let secs: Vec<f64> = samples.iter().map(|v| median(&mut v.clone())).collect();
+        let cpu_secs: Vec<f64> = cpu_samples.iter().map(|v| median(&mut v.clone())).collect();
         let single_idx = nproc;
         let single_gib = gibps(size, secs[single_idx]);
         for (i, &(label, case, t, method)) in cases.iter().enumerate() {
             let g = gibps(size, secs[i]);
-            table_row(
-                "populate",
+            let per_cpu = gibps(size, cpu_secs[i]);
+            table_row_cpu(
                 label,
                 kind.name,
                 t,
                 g,
                 &format!("{:.2}x", g / single_gib),
+                per_cpu,
             );
             let method = if method == PopulateMethod::Touch {
                 "touch"
@@ -274,7 +302,8 @@ fn main() {
             };
             populate_rows.push(
                 json!({"kind": kind.name, "case": case, "method": method, "threads": t,
-                "gib_per_s": g, "median_s": secs[i], "samples_s": samples[i]}),
+                "gib_per_s": g, "median_s": secs[i], "samples_s": samples[i],
+                "gib_per_cpu_s": per_cpu, "cpu_s_samples": cpu_samples[i]}),
             );
         }
         let full_parallel = gibps(size, secs[nproc - 1]);
