@@ -1,0 +1,87 @@
+//! The VMM's memory API: HTTP/1.1 with JSON bodies over a Unix socket, usable with
+//! `curl --unix-socket`, as operators know it from Firecracker and Cloud Hypervisor.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /v1/memory` | 200, [`MemoryStatus`] as JSON |
+//! | `PUT /v1/memory` `{"requested_size": N}` | 202 and the new status: the resize started |
+//!
+//! Errors are JSON `{"error": "..."}` with a 4xx status: 400 malformed request or JSON,
+//! 404 unknown path, 405 wrong method, 411 no length, 413 body too large, 422 a size the
+//! device cannot take (unaligned, beyond the region), 503 the VMM cannot act now. A bad
+//! request changes nothing. One request per connection (`Connection: close`).
+//!
+//! The server knows nothing of the VMM: it calls a [`MemoryControl`] implementation.
+
+mod http;
+mod server;
+
+pub mod client;
+
+pub use server::{ApiServer, ApiServerError};
+
+use serde::{Deserialize, Serialize};
+
+/// The memory figures `GET /v1/memory` reports, all in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStatus {
+    /// Guest-physical start of the virtio-mem region.
+    pub region_addr: u64,
+    /// Size of the virtio-mem region.
+    pub region_size: u64,
+    /// Device block size.
+    pub block_size: u64,
+    /// Part of the region the guest may plug into.
+    pub usable_region_size: u64,
+    /// Memory the guest has plugged.
+    pub plugged_size: u64,
+    /// Memory the host asked the guest to plug.
+    pub requested_size: u64,
+    /// Host memory the region really holds now (resident pages of the backing).
+    pub host_resident_bytes: u64,
+}
+
+/// The body of `PUT /v1/memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    /// The new requested size in bytes.
+    pub requested_size: u64,
+}
+
+/// Why a resize was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResizeError {
+    /// The size is not a multiple of the block size.
+    #[error("requested_size {size} is not a multiple of the block size {block_size}")]
+    Unaligned {
+        /// The size asked for.
+        size: u64,
+        /// The device block size.
+        block_size: u64,
+    },
+    /// The size is larger than the region.
+    #[error("requested_size {size} is larger than the hotplug region ({region_size} bytes)")]
+    TooBig {
+        /// The size asked for.
+        size: u64,
+        /// The region size.
+        region_size: u64,
+    },
+    /// The VMM cannot act on the request now (e.g. the device is not set up).
+    #[error("the VMM cannot resize now: {0}")]
+    Unavailable(String),
+}
+
+/// What the API server asks of the VMM.
+pub trait MemoryControl: Send + Sync {
+    /// Current figures.
+    fn status(&self) -> MemoryStatus;
+
+    /// Starts a resize to `requested_size` bytes; returns the status right after.
+    ///
+    /// # Errors
+    ///
+    /// A [`ResizeError`] when the size is invalid or the VMM cannot act; nothing changes.
+    fn resize(&self, requested_size: u64) -> Result<MemoryStatus, ResizeError>;
+}

@@ -1,0 +1,236 @@
+//! The API server: one accept thread on a Unix socket (mode 0600), one short-lived thread
+//! per connection (at most [`MAX_CONNECTIONS`] at once), read and write timeouts so a
+//! client that stalls or vanishes costs nothing but its own thread for a few seconds.
+
+use std::io::{self, ErrorKind, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+
+use crate::http::{read_request, write_response, ReadError, Request};
+use crate::{MemoryControl, ResizeError, ResizeRequest};
+
+/// Connections served at once; more get 503 at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send its request or read the answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors starting the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    /// Another process is serving on the socket path.
+    #[error("API socket {0} is in use by another process: pick another --api-socket path")]
+    InUse(PathBuf),
+    /// A file that is not a socket sits at the path.
+    #[error("{0} exists and is not a socket: remove it or pick another --api-socket path")]
+    NotASocket(PathBuf),
+    /// Binding, chmod or thread creation failed.
+    #[error("cannot serve the API on {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// A running API server. Dropping it stops accepting and removes the socket file.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ApiServerError + '_ {
+    move |source| ApiServerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Removes a stale socket left by a process that died; refuses to touch a live one or a
+/// file that is not a socket.
+fn clear_stale_socket(path: &Path) -> Result<(), ApiServerError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path)(e)),
+        Ok(meta) if !meta.file_type().is_socket() => Err(ApiServerError::NotASocket(path.into())),
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => Err(ApiServerError::InUse(path.into())),
+            Err(_) => std::fs::remove_file(path).map_err(io_err(path)),
+        },
+    }
+}
+
+impl ApiServer {
+    /// Binds `path` (mode 0600) and serves `control` on a background thread.
+    ///
+    /// # Errors
+    ///
+    /// [`ApiServerError`] when the path is in use, is not a socket, or cannot be bound.
+    pub fn start(path: &Path, control: Arc<dyn MemoryControl>) -> Result<Self, ApiServerError> {
+        clear_stale_socket(path)?;
+        let listener = UnixListener::bind(path).map_err(io_err(path))?;
+        // Only the owner may resize the guest. There is a short window between bind and
+        // chmod in which the umask applies; the socket is not served before the chmod.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(path))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || accept_loop(listener, control, thread_stop))
+            .map_err(io_err(path))?;
+        info!("API listening on {}", path.display());
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag. If the socket file is already gone,
+        // the loop cannot be woken: leave the thread blocked in accept rather than hang
+        // here; it holds nothing but the listener.
+        let woken = UnixStream::connect(&self.path).is_ok();
+        if let Some(t) = self.thread.take() {
+            if woken {
+                let _ = t.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, control: Arc<dyn MemoryControl>, stop: Arc<AtomicBool>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("API: accept failed: {e}");
+                continue;
+            }
+        };
+        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let _ = write_response(&mut stream, 503, &error_json("too many API connections"));
+            continue;
+        }
+        let control = Arc::clone(&control);
+        let active_conn = Arc::clone(&active);
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .spawn(move || {
+                serve(&mut stream, control.as_ref());
+                active_conn.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
+            warn!("API: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+fn error_json(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// Serves one connection: read, route, answer. Never panics on client input.
+fn serve(stream: &mut UnixStream, control: &dyn MemoryControl) {
+    let (status, body) = match read_request(stream) {
+        Ok(req) => route(&req, control),
+        Err(ReadError::Refuse(r)) => (r.status, error_json(&r.message)),
+        Err(ReadError::Io(e)) => {
+            debug!("API: client went away: {e}");
+            return;
+        }
+    };
+    if let Err(e) = write_response(stream, status, &body) {
+        debug!("API: cannot answer: {e}");
+        return;
+    }
+    // A refused request may leave unread bytes (e.g. an oversized body); closing with
+    // them unread would reset the connection and destroy the answer in flight. Drain a
+    // bounded amount first.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = io::copy(&mut (&*stream).take(DRAIN_LIMIT), &mut io::sink());
+}
+
+/// Most bytes read and thrown away after answering.
+const DRAIN_LIMIT: u64 = 1 << 20;
+
+fn route(req: &Request, control: &dyn MemoryControl) -> (u16, String) {
+    let path = req.path.split('?').next().unwrap_or_default();
+    if path != "/v1/memory" {
+        return (
+            404,
+            error_json(&format!("no such path {path}: use /v1/memory")),
+        );
+    }
+    match req.method.as_str() {
+        "GET" => match serde_json::to_string(&control.status()) {
+            Ok(json) => (200, json),
+            Err(e) => (503, error_json(&e.to_string())),
+        },
+        "PUT" => {
+            // Through `Value` first: serde would also accept `[N]` for the struct.
+            let parsed = serde_json::from_slice::<serde_json::Value>(&req.body).and_then(|v| {
+                if v.is_object() {
+                    serde_json::from_value::<ResizeRequest>(v)
+                } else {
+                    Err(serde::de::Error::custom("the body is not a JSON object"))
+                }
+            });
+            let resize = match parsed {
+                Ok(r) => r,
+                Err(e) => return (
+                    400,
+                    error_json(&format!(
+                        "body must be {{\"requested_size\": <bytes, non-negative integer>}}: {e}"
+                    )),
+                ),
+            };
+            match control.resize(resize.requested_size) {
+                Ok(status) => {
+                    info!("API: resize to {} bytes accepted", resize.requested_size);
+                    match serde_json::to_string(&status) {
+                        Ok(json) => (202, json),
+                        Err(e) => (503, error_json(&e.to_string())),
+                    }
+                }
+                Err(e @ (ResizeError::Unaligned { .. } | ResizeError::TooBig { .. })) => {
+                    (422, error_json(&e.to_string()))
+                }
+                Err(e @ ResizeError::Unavailable(_)) => (503, error_json(&e.to_string())),
+            }
+        }
+        other => (
+            405,
+            error_json(&format!("method {other} not allowed: use GET or PUT")),
+        ),
+    }
+}

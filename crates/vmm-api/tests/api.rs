@@ -1,0 +1,279 @@
+//! The API over a real Unix socket: good requests, malformed ones, and clients that
+//! vanish. Every bad request gets a 4xx (or nothing) and changes nothing.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use vmm_api::{client, ApiServer, ApiServerError, MemoryControl, MemoryStatus, ResizeError};
+
+const BS: u64 = 2 << 20;
+const REGION: u64 = 4 << 30;
+
+struct Fake {
+    status: Mutex<MemoryStatus>,
+    resizes: Mutex<Vec<u64>>,
+}
+
+impl MemoryControl for Fake {
+    fn status(&self) -> MemoryStatus {
+        *self.status.lock().unwrap()
+    }
+
+    fn resize(&self, size: u64) -> Result<MemoryStatus, ResizeError> {
+        if size % BS != 0 {
+            return Err(ResizeError::Unaligned {
+                size,
+                block_size: BS,
+            });
+        }
+        if size > REGION {
+            return Err(ResizeError::TooBig {
+                size,
+                region_size: REGION,
+            });
+        }
+        self.resizes.lock().unwrap().push(size);
+        let mut s = self.status.lock().unwrap();
+        s.requested_size = size;
+        Ok(*s)
+    }
+}
+
+// Fields drop in order: the server (and its socket) before the directory.
+struct Env {
+    _server: ApiServer,
+    path: PathBuf,
+    fake: Arc<Fake>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(name: &str) -> TempDir {
+    let p = std::env::temp_dir().join(format!("vmm-api-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    TempDir(p)
+}
+
+fn env(name: &str) -> Env {
+    let dir = temp_dir(name);
+    let path = dir.0.join("api.sock");
+    let fake = Arc::new(Fake {
+        status: Mutex::new(MemoryStatus {
+            region_addr: 1 << 32,
+            region_size: REGION,
+            block_size: BS,
+            usable_region_size: 256 << 20,
+            ..Default::default()
+        }),
+        resizes: Mutex::new(Vec::new()),
+    });
+    let server = ApiServer::start(&path, fake.clone()).unwrap();
+    Env {
+        _server: server,
+        path,
+        fake,
+        _dir: dir,
+    }
+}
+
+/// Sends raw bytes, returns (status, body).
+fn raw(e: &Env, bytes: &[u8]) -> (u16, String) {
+    let mut s = UnixStream::connect(&e.path).unwrap();
+    s.write_all(bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+fn put(e: &Env, body: &str) -> (u16, String) {
+    raw(
+        e,
+        format!(
+            "PUT /v1/memory HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+fn assert_unchanged(e: &Env) {
+    assert!(
+        e.fake.resizes.lock().unwrap().is_empty(),
+        "a bad request changed something"
+    );
+}
+
+#[test]
+fn get_reports_every_figure() {
+    let e = env("get");
+    let (status, body) = raw(&e, b"GET /v1/memory HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for key in [
+        "region_addr",
+        "region_size",
+        "block_size",
+        "usable_region_size",
+        "plugged_size",
+        "requested_size",
+        "host_resident_bytes",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {body}");
+    }
+    assert_eq!(v["region_size"], REGION);
+}
+
+#[test]
+fn put_starts_a_resize() {
+    let e = env("put");
+    let (status, body) = put(&e, "{\"requested_size\": 2147483648}");
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(*e.fake.resizes.lock().unwrap(), vec![2 << 30]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["requested_size"], 2u64 << 30);
+}
+
+#[test]
+fn malformed_json_is_400() {
+    let e = env("badjson");
+    for body in [
+        "",
+        "{",
+        "not json",
+        "{\"requested_size\": -1}",
+        "{\"requested_size\": 1.5}",
+        "{\"requested_size\": \"2G\"}",
+        "{\"requested_size\": 18446744073709551616}",
+        "{\"requested_size\": 2097152, \"extra\": 1}",
+        "{\"size\": 2097152}",
+        "[2097152]",
+    ] {
+        let (status, resp) = put(&e, body);
+        assert_eq!(status, 400, "body {body:?} -> {resp}");
+        assert!(resp.contains("error"));
+    }
+    assert_unchanged(&e);
+}
+
+#[test]
+fn unaligned_and_too_big_sizes_are_422() {
+    let e = env("sizes");
+    assert_eq!(put(&e, "{\"requested_size\": 4097}").0, 422);
+    assert_eq!(
+        put(&e, &format!("{{\"requested_size\": {}}}", REGION + BS)).0,
+        422
+    );
+    assert_unchanged(&e);
+}
+
+#[test]
+fn unknown_paths_and_methods_are_refused() {
+    let e = env("paths");
+    assert_eq!(raw(&e, b"GET /v2/memory HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(raw(&e, b"GET / HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(raw(&e, b"DELETE /v1/memory HTTP/1.1\r\n\r\n").0, 405);
+    assert_eq!(
+        raw(
+            &e,
+            b"POST /v1/memory HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        .0,
+        405
+    );
+    assert_eq!(raw(&e, b"\x00\x01\x02garbage\r\n\r\n").0, 400);
+    assert_unchanged(&e);
+}
+
+#[test]
+fn oversized_bodies_are_413() {
+    let e = env("big");
+    let body = format!("{{\"requested_size\": 0{}}}", " ".repeat(10_000));
+    assert_eq!(put(&e, &body).0, 413);
+    assert_unchanged(&e);
+}
+
+#[test]
+fn vanished_clients_change_nothing_and_the_server_keeps_going() {
+    let e = env("vanish");
+    for partial in [
+        &b"PUT /v1/memory HTTP/1.1\r\nContent-Len"[..],
+        b"PUT /v1/memory HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"requested_size\": 2097152",
+        b"",
+    ] {
+        let mut s = UnixStream::connect(&e.path).unwrap();
+        s.write_all(partial).unwrap();
+        drop(s);
+    }
+    assert_unchanged(&e);
+    assert_eq!(raw(&e, b"GET /v1/memory HTTP/1.1\r\n\r\n").0, 200);
+}
+
+#[test]
+fn socket_is_private_to_its_owner() {
+    let e = env("mode");
+    let mode = std::fs::metadata(&e.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn a_live_socket_is_not_stolen_and_a_stale_one_is_replaced() {
+    let e = env("inuse");
+    let fake = e.fake.clone();
+    match ApiServer::start(&e.path, fake.clone()) {
+        Err(ApiServerError::InUse(_)) => {}
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    // A stale socket file (no listener) is cleaned up.
+    let dir = temp_dir("stale");
+    let stale = dir.0.join("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let server = ApiServer::start(&stale, fake).unwrap();
+    assert_eq!(client::status(&stale).unwrap().region_size, REGION);
+    drop(server);
+    assert!(!stale.exists(), "socket removed on shutdown");
+    // A regular file is never removed.
+    let file = dir.0.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(matches!(
+        ApiServer::start(&file, e.fake.clone()),
+        Err(ApiServerError::NotASocket(_))
+    ));
+    assert!(file.exists());
+}
+
+#[test]
+fn client_round_trip() {
+    let e = env("client");
+    let s = client::resize(&e.path, 512 << 20).unwrap();
+    assert_eq!(s.requested_size, 512 << 20);
+    assert!(s.to_lines().contains("requested_size=536870912\n"));
+    match client::resize(&e.path, 3) {
+        Err(client::ClientError::Refused {
+            status: 422,
+            message,
+        }) => {
+            assert!(message.contains("not a multiple"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let missing = e.path.with_file_name("nobody.sock");
+    assert!(matches!(
+        client::status(&missing),
+        Err(client::ClientError::Connect { .. })
+    ));
+}
