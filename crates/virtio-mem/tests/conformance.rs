@@ -1,6 +1,8 @@
 //! Spec conformance: every rule of `virtio-mem-notes.md`, "Device rules", is one named test
 //! here, driven through a real split virtqueue laid out in guest memory.
 
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
 use virtio_mem::test_utils::{BackendCall, TestDevice, DESC_F_WRITE};
 use virtio_mem::wire::VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
 use virtio_mem::wire::{RawRequest, VIRTIO_F_VERSION_1, VIRTIO_MEM_F_ACPI_PXM};

@@ -2,6 +2,7 @@
 //! every chain is completed, every answer is a well-formed response, and the backend is
 //! never asked to touch anything outside the usable region.
 
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 #![expect(
     clippy::cast_possible_truncation,
     reason = "truncating random numbers is how the generator picks values"

@@ -1,6 +1,8 @@
 //! Replays how the Linux driver (`drivers/virtio/virtio_mem.c`, sub-block mode) talks to
 //! the device, and checks that it always converges on `plugged_size == requested_size`.
 
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
 use virtio_mem::test_utils::TestDevice;
 use virtio_mem::wire::ConfigSpace;
 use virtio_mem::{DeviceConfig, Request, Response};

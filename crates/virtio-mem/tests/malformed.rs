@@ -1,6 +1,8 @@
 //! Malformed descriptor chains: each is completed, never panics, and is answered ERROR
 //! exactly when a writable response buffer exists.
 
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
 use virtio_mem::test_utils::{
     TestDevice, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, GUEST_MEM_SIZE,
 };

@@ -1,6 +1,7 @@
 //! Property tests: random sequences of resize, plug, unplug, unplug-all, state, device
 //! reset and system reset, checked against a small reference model of the spec.
 
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 #![expect(
     clippy::cast_possible_truncation,
     reason = "block indices of a 64-block test region fit every integer type"

@@ -172,6 +172,7 @@ pub fn write_response<W: Write>(w: &mut W, status: u16, json: &str) -> io::Resul
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 mod tests {
     use super::*;
     use std::io::Cursor;

@@ -207,12 +207,14 @@ fn route(req: &Request, control: &dyn MemoryControl) -> (u16, String) {
             });
             let resize = match parsed {
                 Ok(r) => r,
-                Err(e) => return (
-                    400,
-                    error_json(&format!(
+                Err(e) => {
+                    return (
+                        400,
+                        error_json(&format!(
                         "body must be {{\"requested_size\": <bytes, non-negative integer>}}: {e}"
                     )),
-                ),
+                    )
+                }
             };
             match control.resize(resize.requested_size) {
                 Ok(status) => {

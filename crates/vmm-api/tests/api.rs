@@ -1,6 +1,8 @@
 //! The API over a real Unix socket: good requests, malformed ones, and clients that
 //! vanish. Every bad request gets a 4xx (or nothing) and changes nothing.
 
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
