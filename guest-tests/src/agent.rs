@@ -357,6 +357,10 @@ pub fn bad_lines(dmesg: &[DmesgLine], since: f64, allow_oom: bool) -> Vec<&Dmesg
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 mod tests {
     use super::*;
 

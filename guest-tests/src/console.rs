@@ -223,6 +223,10 @@ impl Console {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 mod tests {
     use super::*;
     use std::io::Cursor;

@@ -238,6 +238,10 @@ impl Drop for OursProcess {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;

@@ -305,6 +305,10 @@ impl Drop for QemuProcess {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 mod tests {
     use super::*;
 

@@ -312,6 +312,10 @@ pub fn write_json(
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 mod tests {
     use super::*;
 

@@ -759,6 +759,10 @@ fn default_online(g: &mut Guest, k: Kernel, m: &mut Metrics) -> Result<(), Scena
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 mod tests {
     use super::*;
 

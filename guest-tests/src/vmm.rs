@@ -147,6 +147,10 @@ pub fn parse_rss_kb(text: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on any unexpected error"
+)]
 mod tests {
     use super::*;
 
