@@ -337,6 +337,18 @@ impl<B: BlockBackend> MemState<B> {
     /// [`VirtioMemError::FeatureNotOffered`], [`VirtioMemError::Version1Required`] or
     /// [`VirtioMemError::UnpluggedInaccessibleRequired`].
     pub fn ack_features(&mut self, driver: u64) -> Result<(), VirtioMemError> {
+        self.check_features(driver)?;
+        self.acked_features = driver;
+        Ok(())
+    }
+
+    /// Checks the driver's features without recording them (for a transport that decides
+    /// on FEATURES_OK before it acknowledges).
+    ///
+    /// # Errors
+    ///
+    /// As [`MemState::ack_features`].
+    pub fn check_features(&self, driver: u64) -> Result<(), VirtioMemError> {
         let unknown = driver & !self.device_features();
         if unknown != 0 {
             return Err(VirtioMemError::FeatureNotOffered { unknown });
@@ -351,7 +363,6 @@ impl<B: BlockBackend> MemState<B> {
         {
             return Err(VirtioMemError::UnpluggedInaccessibleRequired);
         }
-        self.acked_features = driver;
         Ok(())
     }
 
