@@ -2,10 +2,13 @@
 //!
 //! Its control API is HTTP/JSON over a Unix socket: `PUT /v1/memory
 //! {"requested_size": N}` resizes, `GET /v1/memory` answers JSON with `plugged_size`,
-//! `requested_size`, `region_size`, `block_size` (and `addr` when known). The guest console
-//! is the VMM's stdin/stdout. The API client below is complete; [`Ours::start`] still
-//! reports "not implemented" until the VMM grows its virtio-mem command-line options:
-//! wiring it is filling in [`Ours::args`] and returning an [`OursProcess`].
+//! `requested_size`, `region_addr`, `region_size`, `block_size` (`crates/vmm-api`'s
+//! `MemoryStatus`). The guest console is the VMM's stdin/stdout. The API client below
+//! is complete; [`Ours::start`] still reports "not implemented" until the VMM grows its
+//! virtio-mem command-line options: wiring it is filling in [`Ours::args`] and
+//! returning an [`OursProcess`]. Note for the reboot scenario: `vmm run` currently exits
+//! (status 2) when the guest reboots, while the scenario expects the VM to come back
+//! with its virtio-mem request kept, as QEMU does.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -183,7 +186,7 @@ pub fn parse_memory(body: &str) -> Result<DeviceSizes, VmmError> {
         num(k).ok_or_else(|| VmmError::Control(format!("GET /v1/memory: no '{k}' in {body}")))
     };
     Ok(DeviceSizes {
-        addr: num("addr").or_else(|| num("start_address")),
+        addr: num("region_addr").or_else(|| num("addr")),
         region_size: num("region_size").unwrap_or(0),
         block_size: num("block_size").unwrap_or(0),
         plugged: need("plugged_size")?,
@@ -249,12 +252,12 @@ mod tests {
     #[test]
     fn memory_json() {
         let s = parse_memory(
-            r#"{"plugged_size": 1073741824, "requested_size": 2147483648, "region_size": 4294967296, "block_size": 2097152}"#,
+            r#"{"region_addr": 4294967296, "plugged_size": 1073741824, "requested_size": 2147483648, "region_size": 4294967296, "block_size": 2097152}"#,
         )
         .unwrap();
         assert_eq!(s.plugged, 1 << 30);
         assert_eq!(s.requested, 2 << 30);
-        assert_eq!(s.addr, None);
+        assert_eq!(s.addr, Some(1 << 32));
         assert!(parse_memory(r#"{"requested_size": 1}"#).is_err());
         assert!(parse_memory("not json").is_err());
     }
