@@ -27,24 +27,25 @@ done </etc/modules
 script=""
 status_file=""
 rw=""
+keep=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     th.script=*) script=${arg#th.script=} ;;
     th.status=*) status_file=${arg#th.status=} ;;
     th.rw=*) rw=${arg#th.rw=} ;;
+    th.keep=*) keep=${arg#th.keep=} ;;
     esac
 done
 [ -n "$script" ] || fail "no th.script= on the kernel command line"
 
-mkdir -p /host
+mkdir -p /host /orig
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host /host ||
     fail "cannot mount the host share (tag host)"
-i=0
-for path in $(echo "$rw" | tr ':' ' '); do
-    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap "rw$i" "/host$path" ||
-        fail "cannot mount writable share rw$i at $path"
-    i=$((i + 1))
-done
+# The host's /tmp stays reachable under /orig/tmp: a tmpfs goes on /tmp, and paths that
+# must stay visible (th.keep=, the caller's directory when it lives in /tmp) are bound
+# back on top of it.
+mkdir -p /orig/tmp
+mount -o bind /host/tmp /orig/tmp
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
@@ -54,6 +55,22 @@ mount -t tmpfs tmpfs /host/dev/shm
 mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
 mount -t hugetlbfs hugetlbfs /host/dev/hugepages 2>/dev/null
+for path in $(echo "$keep" | tr ':' ' '); do
+    case "$path" in
+    /tmp/*)
+        mkdir -p "/host$path"
+        mount -o bind "/orig$path" "/host$path" || fail "cannot keep $path visible"
+        ;;
+    esac
+done
+# Writable shares last, so they sit on top of everything above.
+i=0
+for path in $(echo "$rw" | tr ':' ' '); do
+    mkdir -p "/host$path" 2>/dev/null
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=mmap "rw$i" "/host$path" ||
+        fail "cannot mount writable share rw$i at $path"
+    i=$((i + 1))
+done
 
 [ -c /host/dev/kvm ] || echo "TESTHOST-WARN /dev/kvm missing after loading kvm_amd"
 
