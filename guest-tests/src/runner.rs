@@ -247,7 +247,14 @@ fn print_result(r: &ScenarioResult) {
 /// Prints the summary table.
 pub fn print_summary(results: &[ScenarioResult], total_s: f64, where_ran: &str) {
     println!();
-    println!("guest-tests summary ({where_ran}; VMM RAM backing: anonymous 4 KiB pages, THP as the host allows)");
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let backing = match results.first().map(|r| r.vmm.as_str()) {
+        Some("qemu") => "QEMU memory-backend-ram: private anonymous, THP-advised",
+        _ => "the VMM's default backing",
+    };
+    println!("guest-tests summary ({where_ran}; guest RAM: {backing}; host THP: {thp})");
     println!(
         "{:<15} {:<5} {:<6} {:>7} {:>7} {:>9} {:>9}  notes",
         "scenario", "kern", "result", "wall s", "boot s", "plug lat", "unpl lat"
