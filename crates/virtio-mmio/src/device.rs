@@ -84,6 +84,21 @@ pub trait VirtioDevice<M: GuestAddressSpace>: Send {
     /// what was offered; the transport has checked that).
     fn ack_features(&mut self, _features: u64) {}
 
+    /// Whether the device can work with the features the driver accepted (a subset of
+    /// what was offered). `false` makes the transport refuse FEATURES_OK, e.g. for a
+    /// device that needs a feature bit the driver does not know. The default accepts.
+    fn features_acceptable(&self, _features: u64) -> bool {
+        true
+    }
+
+    /// A counter the device bumps whenever its configuration space changes without a
+    /// configuration change notification (e.g. a size field the driver only polls). The
+    /// transport adds it to its own generation, so drivers re-read until they see a
+    /// consistent snapshot. The default never changes.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+
     /// Reads the device configuration space at `offset` into `data`. Bytes past the end of
     /// the configuration space must read as zero; `data` is at most 8 bytes.
     fn read_config(&self, offset: u64, data: &mut [u8]);

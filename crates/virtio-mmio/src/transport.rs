@@ -280,7 +280,10 @@ impl<M: GuestAddressSpace + Send + 'static> MmioTransport<M> {
             STATUS => self.status,
             // No shared memory regions: length all ones means "no such region".
             SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
-            CONFIG_GENERATION => self.interrupt.config_generation(),
+            CONFIG_GENERATION => self
+                .interrupt
+                .config_generation()
+                .wrapping_add(lock(&self.device).config_generation()),
             _ => {
                 self.bad_access("read of a write-only or unknown register", offset);
                 0
@@ -459,6 +462,7 @@ impl<M: GuestAddressSpace + Send + 'static> MmioTransport<M> {
         !self.driver_features_invalid
             && self.driver_features & !self.device_features == 0
             && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0
+            && lock(&self.device).features_acceptable(self.driver_features)
     }
 
     fn build_queues(&self) -> Result<Vec<ActiveQueue>, String> {
