@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::memhp::{guest_cmdline, BackingArg, GuestOnline, HotplugConfig};
 use crate::vm::VmConfig;
 
 /// A KVM VMM that boots Linux with virtio-mmio devices announced through ACPI.
@@ -19,8 +20,43 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a Linux guest and run it until it powers off or reboots. Exit status: 0 guest
-    /// powered off, 2 guest rebooted, 1 error.
+    /// powered off, 2 guest rebooted (with --on-reboot exit), 1 error.
     Run(RunArgs),
+    /// Ask a running VMM to resize its guest's hotplugged memory, e.g. `resize --api-socket
+    /// S 2G`. Prints the status right after, one key=value per line.
+    Resize(ResizeArgs),
+    /// Print a running VMM's memory figures, one key=value per line.
+    Status(StatusArgs),
+}
+
+/// `vmm resize` options.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The VMM's API socket.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// The new requested size, e.g. 2G or 0.
+    #[arg(value_parser = parse_size)]
+    pub size: u64,
+}
+
+/// `vmm status` options.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The VMM's API socket.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+}
+
+/// What a guest reboot does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnReboot {
+    /// The VMM exits with status 2.
+    Exit,
+    /// The VMM restarts in place (same process, console and API socket): a system reset
+    /// that unplugs all hotplugged memory; the guest boots again with the requested size
+    /// it had.
+    Restart,
 }
 
 /// `vmm run` options.
@@ -48,6 +84,31 @@ pub struct RunArgs {
     /// source, is present).
     #[arg(long)]
     pub no_rng: bool,
+    /// Size of the virtio-mem hotplug region above boot RAM, e.g. 4G (0: no virtio-mem).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub hotplug_size: u64,
+    /// virtio-mem block size, e.g. 2M (default: the host's transparent huge page size).
+    #[arg(long, value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    /// Memory the guest should plug at boot, e.g. 1G.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub requested_size: u64,
+    /// Host memory behind hotplugged blocks: anon, memfd, hugetlb, hugetlb-1g or file:PATH.
+    #[arg(long, default_value = "anon", value_parser = BackingArg::parse)]
+    pub backing: BackingArg,
+    /// Fault hotplugged memory in (in parallel) when the guest plugs it, instead of on
+    /// first touch.
+    #[arg(long)]
+    pub populate: bool,
+    /// Serve the memory API (HTTP/JSON) on this Unix socket.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// How the guest onlines hotplugged memory (added to the kernel command line).
+    #[arg(long, value_enum, default_value = "movable")]
+    pub guest_online: GuestOnline,
+    /// What a guest reboot does.
+    #[arg(long, value_enum, default_value = "exit")]
+    pub on_reboot: OnReboot,
 }
 
 /// Smallest boot RAM accepted: a distro kernel with an initramfs needs this much to boot.
@@ -88,6 +149,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size '{s}': too large"))
 }
 
+/// The default virtio-mem block size: the host's THP size, so unplug never splits a huge
+/// page (2 MiB when it cannot be read).
+pub fn default_block_size() -> u64 {
+    memory_backend::accounting::thp_size().unwrap_or(2 << 20)
+}
+
 /// Errors in the arguments that clap cannot check alone.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
@@ -100,6 +167,9 @@ pub enum CliError {
     /// Memory not a whole number of 4 KiB pages.
     #[error("--memory {0} bytes is not a multiple of 4K pages")]
     MemoryUnaligned(u64),
+    /// A requested size without a region to plug it from.
+    #[error("--requested-size needs --hotplug-size")]
+    NoHotplugRegion,
     /// A file does not exist or is not a regular file.
     #[error("{what} file {path} does not exist or is not a file")]
     MissingFile {
@@ -140,14 +210,30 @@ impl RunArgs {
         if let Some(i) = &self.initrd {
             check("--initrd", i)?;
         }
+        let hotplug = (self.hotplug_size > 0).then(|| HotplugConfig {
+            region_size: self.hotplug_size,
+            block_size: self.block_size.unwrap_or_else(default_block_size),
+            requested_size: self.requested_size,
+            backing: self.backing.clone(),
+            populate: self.populate,
+        });
+        if hotplug.is_none() && self.requested_size > 0 {
+            return Err(CliError::NoHotplugRegion);
+        }
+        let cmdline = match hotplug {
+            Some(_) => guest_cmdline(&self.cmdline, self.guest_online),
+            None => self.cmdline.clone(),
+        };
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone(),
+            cmdline,
             cpus: self.cpus,
             mem_size: self.memory,
             serial_output: self.serial_output.clone(),
             rng: !self.no_rng,
+            hotplug,
+            api_socket: self.api_socket.clone(),
         })
     }
 }
@@ -174,8 +260,10 @@ mod tests {
 
     fn args(mem: &str, kernel: &str) -> Result<RunArgs, clap::Error> {
         Cli::try_parse_from(["vmm", "run", "--kernel", kernel, "--memory", mem]).map(|c| {
-            let Command::Run(a) = c.command;
-            a
+            match c.command {
+                Command::Run(a) => a,
+                other => panic!("parsed {other:?}, not run"),
+            }
         })
     }
 

@@ -23,9 +23,14 @@ use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, I8042, I8042_BASE, I8042_PORTS};
 use crate::devices::rng::{RngHandler, VirtioRng};
 use crate::devices::serial::{SerialDevice, SerialOut, StdinInput, COM1_BASE, COM_PORTS};
+use crate::devices::virtio_mem::{IrqSlot, MemoryApi, SharedMem, VirtioMemDevice};
 use crate::exit::{exit_channel, ExitHandle, ExitReason, ExitWatch};
+use crate::hotplug::{HotplugMemory, Memslots};
 use crate::layout::{COM1_IRQ, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::memhp::HotplugConfig;
 use crate::memory::{self, GuestMemoryHandle, MemoryError, MemorySlots};
+use memory_backend::{MemoryRegion, PopulateOptions, RegionConfig};
+use vmm_api::ApiServer;
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -44,6 +49,19 @@ pub struct VmConfig {
     pub serial_output: Option<PathBuf>,
     /// Add the virtio entropy device.
     pub rng: bool,
+    /// The virtio-mem device, if any.
+    pub hotplug: Option<HotplugConfig>,
+    /// Serve the memory API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// How a run ended, and what the VMM needs to restart the guest the same way.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why the guest stopped.
+    pub reason: ExitReason,
+    /// The virtio-mem requested size at the end (the guest's next boot starts with it).
+    pub requested_size: Option<u64>,
 }
 
 /// Errors while building or running the VM.
@@ -94,6 +112,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
+    /// The virtio-mem device or its memory could not be set up.
+    #[error("memory hotplug: {0}")]
+    Hotplug(String),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
@@ -131,7 +152,7 @@ impl MutEventSubscriber for ExitWake {
 /// A VM ready to boot or run.
 pub struct Vm {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     vcpus: Vec<VcpuFd>,
     mem: GuestMemoryMmap,
     mem_handle: GuestMemoryHandle,
@@ -166,7 +187,7 @@ impl Vm {
     /// [`VmError`] naming the step that failed.
     pub fn new(cpus: u8, mem_size: u64, serial_out: SerialOut) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
-        let vm = kvm.create_vm().map_err(VmError::Kvm)?;
+        let vm = Arc::new(kvm.create_vm().map_err(VmError::Kvm)?);
         let setup = |what| move |source| VmError::KvmSetup { what, source };
         vm.set_tss_address(0xfffb_d000)
             .map_err(setup("SET_TSS_ADDR"))?;
@@ -337,6 +358,53 @@ impl Vm {
         Ok((w, notify))
     }
 
+    /// Adds the virtio-mem device for `hp` above boot RAM: reserves the host region,
+    /// reserves KVM slot numbers for it, and puts the device behind a virtio-mmio window.
+    /// Returns the shared device model (for the API and system reset).
+    ///
+    /// # Errors
+    ///
+    /// [`VmError::Hotplug`] naming what failed (options, host reservation, device).
+    pub fn add_virtio_mem(&mut self, hp: &HotplugConfig) -> Result<SharedMem, VmError> {
+        let hotplug = |e: &dyn std::fmt::Display| VmError::Hotplug(e.to_string());
+        let addr = hp.validate(self.mem_size).map_err(|e| hotplug(&e))?;
+        for w in hp.warnings(self.mem_size) {
+            warn!("{w}");
+        }
+        let mut rcfg =
+            RegionConfig::new(hp.region_size, hp.block_size).with_backing(hp.backing.backing());
+        if hp.populate {
+            rcfg = rcfg.with_populate(PopulateOptions::default());
+        }
+        let region = Arc::new(MemoryRegion::new(rcfg).map_err(|e| hotplug(&e))?);
+        let slot_size = hp.slot_size(self.mem_size);
+        let nr_slots = hp.region_size.div_ceil(slot_size);
+        let first_slot = self.slots.next_free();
+        for _ in 1..nr_slots {
+            self.slots.next_free();
+        }
+        crate::hotplug::log_layout(addr, hp.region_size, hp.block_size, slot_size);
+        let memslots: Arc<dyn Memslots> = self.vm.clone();
+        let backend = HotplugMemory::new(
+            region,
+            addr,
+            slot_size,
+            first_slot,
+            memslots,
+            self.mem_handle.clone(),
+        )
+        .map_err(|e| hotplug(&e))?;
+        let mut dcfg = virtio_mem::DeviceConfig::new(addr, hp.region_size, hp.block_size);
+        dcfg.requested_size = hp.requested_size;
+        let irq = Arc::new(IrqSlot::default());
+        let core: SharedMem = Arc::new(Mutex::new(
+            virtio_mem::VirtioMem::new(dcfg, backend, irq.clone()).map_err(|e| hotplug(&e))?,
+        ));
+        let dev = Arc::new(Mutex::new(VirtioMemDevice::new(core.clone(), irq)));
+        self.add_virtio_device(dev)?;
+        Ok(core)
+    }
+
     /// Adds the virtio entropy device and its queue handler.
     ///
     /// # Errors
@@ -426,6 +494,15 @@ impl Vm {
 ///
 /// [`VmError`] for setup failures; how the guest ended is the [`ExitReason`].
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
+    run_outcome(cfg).map(|o| o.reason)
+}
+
+/// As [`run`], and also reports the virtio-mem requested size at the end.
+///
+/// # Errors
+///
+/// [`VmError`] for setup failures.
+pub fn run_outcome(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     let out: SerialOut = match &cfg.serial_output {
         Some(p) => Box::new(File::create(p).map_err(io_err("create the --serial-output file"))?),
         None => Box::new(io::stdout()),
@@ -434,7 +511,34 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     if cfg.rng {
         vm.add_rng()?;
     }
+    let core = cfg
+        .hotplug
+        .as_ref()
+        .map(|hp| vm.add_virtio_mem(hp))
+        .transpose()?;
+    let _api = match (&cfg.api_socket, &core) {
+        (Some(path), Some(core)) => Some(
+            ApiServer::start(path, Arc::new(MemoryApi::new(core.clone())))
+                .map_err(|e| VmError::Hotplug(e.to_string()))?,
+        ),
+        (Some(_), None) => {
+            return Err(VmError::Hotplug(
+                "--api-socket needs a virtio-mem device: give --hotplug-size".into(),
+            ))
+        }
+        (None, _) => None,
+    };
     vm.forward_stdin();
     vm.boot_linux(cfg)?;
-    vm.run()
+    let reason = vm.run()?;
+    let requested_size = core.map(|c| {
+        c.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .state()
+            .requested_size()
+    });
+    Ok(RunOutcome {
+        reason,
+        requested_size,
+    })
 }

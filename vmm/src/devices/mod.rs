@@ -3,3 +3,4 @@
 pub mod legacy;
 pub mod rng;
 pub mod serial;
+pub mod virtio_mem;

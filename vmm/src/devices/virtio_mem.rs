@@ -1,0 +1,280 @@
+//! The virtio-mem device in the VMM: the device model of `crates/virtio-mem` behind the
+//! virtio-mmio transport, with its host memory ([`crate::hotplug::HotplugMemory`]) and the
+//! memory API.
+//!
+//! Requests are served on a thread of their own, not on the VMM's event loop: plugging
+//! with populate faults in host memory and may take a while, and the guest waits for the
+//! answer anyway, while the serial console and other devices must go on.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use log::{error, info, warn};
+use virtio_mem::{VirtioMem, VirtioMemError};
+use virtio_mmio::{ActivateError, Activation, InterruptKind, VirtioDevice, VirtioInterrupt};
+use vm_memory::GuestAddressSpace;
+use vmm_api::{MemoryControl, MemoryStatus, ResizeError};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::hotplug::HotplugMemory;
+use crate::memory::GuestMemoryHandle;
+
+/// The device model with the VMM's backend and interrupt.
+pub type MemDevice = VirtioMem<HotplugMemory, Arc<IrqSlot>>;
+
+/// The transport's interrupt, once the transport hands it over.
+#[derive(Default)]
+pub struct IrqSlot(Mutex<Option<Arc<dyn VirtioInterrupt>>>);
+
+impl std::fmt::Debug for IrqSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IrqSlot")
+    }
+}
+
+impl IrqSlot {
+    fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
+        let irq = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match irq {
+            Some(irq) => irq.trigger(kind).map_err(std::io::Error::other),
+            // No transport yet: nobody to tell; the driver reads the config at probe.
+            None => Ok(()),
+        }
+    }
+}
+
+impl virtio_mem::Interrupt for IrqSlot {
+    fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.trigger(InterruptKind::UsedBuffer)
+    }
+
+    fn signal_config_change(&self) -> std::io::Result<()> {
+        self.trigger(InterruptKind::ConfigChange)
+    }
+}
+
+/// Shared handle to the device model.
+pub type SharedMem = Arc<Mutex<MemDevice>>;
+
+fn lock(dev: &SharedMem) -> MutexGuard<'_, MemDevice> {
+    // A panic while holding the lock cannot leave the model half-updated (it commits
+    // after the host work), so the state is still the best truth available.
+    dev.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct Worker {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+/// The virtio-mmio face of the device.
+pub struct VirtioMemDevice {
+    core: SharedMem,
+    irq: Arc<IrqSlot>,
+    worker: Option<Worker>,
+}
+
+impl std::fmt::Debug for VirtioMemDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioMemDevice")
+            .field("active", &self.worker.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VirtioMemDevice {
+    /// Wraps a device model whose interrupt is `irq`.
+    pub fn new(core: SharedMem, irq: Arc<IrqSlot>) -> Self {
+        VirtioMemDevice {
+            core,
+            irq,
+            worker: None,
+        }
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(w) = self.worker.take() {
+            if let Err(e) = w.stop.write(1) {
+                error!("virtio-mem: cannot stop the request thread: {e}");
+                return;
+            }
+            if w.thread.join().is_err() {
+                error!("virtio-mem: the request thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for VirtioMemDevice {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+/// Waits until `notify` or `stop` is readable. Returns false on stop or error.
+fn wait(notify: &EventFd, stop: &EventFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: notify.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structures that outlives the call,
+        // and its length is passed alongside it.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            error!("virtio-mem: poll failed: {e}");
+            return false;
+        }
+        return fds[1].revents == 0;
+    }
+}
+
+fn serve(core: SharedMem, mem: GuestMemoryHandle, notify: EventFd, stop: EventFd) {
+    while wait(&notify, &stop) {
+        // Non-blocking: a spurious wake-up just finds the queue empty.
+        let _ = notify.read();
+        let guard = mem.memory();
+        if let Err(e) = lock(&core).process_queue(&*guard) {
+            warn!("virtio-mem: {e}");
+        }
+    }
+}
+
+impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
+    fn device_type(&self) -> u32 {
+        virtio_mem::wire::VIRTIO_ID_MEM
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[virtio_mem::queue::QUEUE_MAX_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        lock(&self.core).state().device_features()
+    }
+
+    fn features_acceptable(&self, features: u64) -> bool {
+        match lock(&self.core).state().check_features(features) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("virtio-mem: refusing the driver's features: {e}");
+                false
+            }
+        }
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        if let Err(e) = lock(&self.core).state_mut().ack_features(features) {
+            warn!("virtio-mem: {e}");
+        }
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        lock(&self.core).read_config(offset, data);
+    }
+
+    fn config_generation(&self) -> u32 {
+        lock(&self.core).state().config_generation()
+    }
+
+    fn set_interrupt(&mut self, interrupt: Arc<dyn VirtioInterrupt>) {
+        *self.irq.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(interrupt);
+    }
+
+    fn activate(&mut self, activation: Activation<GuestMemoryHandle>) -> Result<(), ActivateError> {
+        self.set_interrupt(activation.interrupt.clone());
+        let q = activation
+            .queues
+            .into_iter()
+            .find(|q| q.index == 0)
+            .ok_or(ActivateError::MissingQueue { index: 0 })?;
+        self.stop_worker();
+        lock(&self.core).activate(q.queue);
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| ActivateError::Setup(e.to_string()))?;
+        let stop_copy = stop
+            .try_clone()
+            .map_err(|e| ActivateError::Setup(e.to_string()))?;
+        let core = Arc::clone(&self.core);
+        let mem = activation.mem;
+        let thread = std::thread::Builder::new()
+            .name("virtio-mem".into())
+            .spawn(move || serve(core, mem, q.notify, stop_copy))
+            .map_err(|e| ActivateError::Setup(e.to_string()))?;
+        self.worker = Some(Worker { stop, thread });
+        info!("virtio-mem: driver ready");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+        lock(&self.core).reset();
+    }
+}
+
+/// The memory API's view of the device.
+pub struct MemoryApi {
+    core: SharedMem,
+}
+
+impl MemoryApi {
+    /// Serves `core`.
+    pub fn new(core: SharedMem) -> Self {
+        MemoryApi { core }
+    }
+}
+
+impl MemoryControl for MemoryApi {
+    fn status(&self) -> MemoryStatus {
+        let dev = lock(&self.core);
+        let s = dev.state();
+        let region = Arc::clone(s.backend().region());
+        let mut status = MemoryStatus {
+            region_addr: s.config().addr,
+            region_size: s.config().region_size,
+            block_size: s.block_size(),
+            usable_region_size: s.usable_region_size(),
+            plugged_size: s.plugged_size(),
+            requested_size: s.requested_size(),
+            host_resident_bytes: 0,
+        };
+        // Reading smaps takes a while: not under the device lock.
+        drop(dev);
+        match region.usage() {
+            Ok(u) => status.host_resident_bytes = u.committed(),
+            Err(e) => warn!("virtio-mem: cannot read the region's host memory: {e}"),
+        }
+        status
+    }
+
+    fn resize(&self, requested_size: u64) -> Result<MemoryStatus, ResizeError> {
+        lock(&self.core)
+            .set_requested_size(requested_size)
+            .map_err(|e| match e {
+                VirtioMemError::UnalignedRequestedSize { size, block_size } => {
+                    ResizeError::Unaligned { size, block_size }
+                }
+                VirtioMemError::RequestedSizeTooBig { size, region_size } => {
+                    ResizeError::TooBig { size, region_size }
+                }
+                other => ResizeError::Unavailable(other.to_string()),
+            })?;
+        Ok(self.status())
+    }
+}

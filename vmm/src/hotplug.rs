@@ -1,0 +1,465 @@
+//! The virtio-mem region's host side: the memory-backend region, the KVM memslots that
+//! follow plugged memory, and the guest memory map devices see.
+//!
+//! The region is split into fixed-size slots (at least one guest memory block, so a slot
+//! never splits one). A slot is registered with KVM when it gets its first plugged block
+//! and removed when its last block is unplugged, so KVM's bookkeeping follows plugged
+//! memory, not the region, and the guest cannot reach a slot with nothing plugged. Within
+//! a registered slot, unplugged blocks are `PROT_NONE` in the host: a guest touching them
+//! gets no host memory (KVM fails the access instead).
+//!
+//! The guest memory map that devices use (a [`GuestMemoryHandle`]) holds boot RAM plus
+//! exactly the plugged runs, so a device never dereferences an unplugged (`PROT_NONE`)
+//! host page, whatever address a guest puts in a descriptor.
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use log::{debug, info};
+use memory_backend::{MemoryBackendError, MemoryRegion};
+use virtio_mem::{BackendError, BlockBackend};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::memory::GuestMemoryHandle;
+
+/// Registers and removes KVM memslots; a trait so the slot logic is testable without KVM.
+pub trait Memslots: Send + Sync {
+    /// Maps guest `[gpa, gpa + size)` to host `[host_addr, host_addr + size)` as `slot`.
+    ///
+    /// # Errors
+    ///
+    /// The KVM error, as text for the operator.
+    fn add(&self, slot: u32, gpa: u64, size: u64, host_addr: u64) -> Result<(), String>;
+
+    /// Removes `slot` (which maps `gpa`).
+    ///
+    /// # Errors
+    ///
+    /// The KVM error, as text for the operator.
+    fn remove(&self, slot: u32, gpa: u64) -> Result<(), String>;
+}
+
+impl Memslots for kvm_ioctls::VmFd {
+    fn add(&self, slot: u32, gpa: u64, size: u64, host_addr: u64) -> Result<(), String> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: `host_addr..host_addr + size` lies inside the hotplug region's reservation
+        // (HotplugMemory computes it from the region base and checks the bounds), which
+        // stays mapped for the whole life of the VMM process; no other slot maps this
+        // guest range (slots partition the region, boot RAM lies below it).
+        unsafe { self.set_user_memory_region(region) }.map_err(|e| e.to_string())
+    }
+
+    fn remove(&self, slot: u32, gpa: u64) -> Result<(), String> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; KVM then no longer accesses the
+        // host memory it mapped.
+        unsafe { self.set_user_memory_region(region) }.map_err(|e| e.to_string())
+    }
+}
+
+/// Errors while setting the hotplug memory up.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    /// The slot size is not a multiple of the block size, or the region holds too many slots.
+    #[error("invalid hotplug slot layout: {0}")]
+    Layout(String),
+}
+
+/// The host side of the virtio-mem region: implements the device's [`BlockBackend`].
+pub struct HotplugMemory {
+    region: Arc<MemoryRegion>,
+    region_addr: u64,
+    slot_size: u64,
+    first_slot: u32,
+    slot_plugged: Vec<u64>,
+    memslots: Arc<dyn Memslots>,
+    mem: GuestMemoryHandle,
+    boot: GuestMemoryMmap,
+    /// Plugged runs: guest start -> length, merged when adjacent.
+    plugged: BTreeMap<u64, u64>,
+}
+
+impl std::fmt::Debug for HotplugMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotplugMemory")
+            .field("region_addr", &format_args!("{:#x}", self.region_addr))
+            .field("slot_size", &self.slot_size)
+            .field("registered_slots", &self.registered_slots())
+            .field("plugged_runs", &self.plugged.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend_error(op: &'static str, addr: u64, len: u64, e: impl ToString) -> BackendError {
+    BackendError {
+        op,
+        addr,
+        len,
+        reason: e.to_string(),
+    }
+}
+
+impl HotplugMemory {
+    /// Wraps `region`, placed at guest address `region_addr`, with KVM slots numbered from
+    /// `first_slot`, each `slot_size` bytes. `mem` is the devices' guest memory handle; its
+    /// current regions are taken as boot RAM.
+    ///
+    /// # Errors
+    ///
+    /// [`HotplugError::Layout`] when `slot_size` is not a multiple of the region's block
+    /// size or the slot numbers would overflow.
+    pub fn new(
+        region: Arc<MemoryRegion>,
+        region_addr: u64,
+        slot_size: u64,
+        first_slot: u32,
+        memslots: Arc<dyn Memslots>,
+        mem: GuestMemoryHandle,
+    ) -> Result<Self, HotplugError> {
+        if slot_size == 0 || slot_size % region.block_size() != 0 {
+            return Err(HotplugError::Layout(format!(
+                "slot size {slot_size:#x} is not a multiple of the block size {:#x}",
+                region.block_size()
+            )));
+        }
+        let nr_slots = region.size().div_ceil(slot_size);
+        let nr = u32::try_from(nr_slots)
+            .ok()
+            .filter(|n| first_slot.checked_add(*n).is_some())
+            .ok_or_else(|| HotplugError::Layout(format!("{nr_slots} slots are too many")))?;
+        let boot = mem.memory().deref().clone();
+        Ok(HotplugMemory {
+            region,
+            region_addr,
+            slot_size,
+            first_slot,
+            slot_plugged: vec![0; nr as usize],
+            memslots,
+            mem,
+            boot,
+            plugged: BTreeMap::new(),
+        })
+    }
+
+    /// The memory-backend region.
+    pub fn region(&self) -> &Arc<MemoryRegion> {
+        &self.region
+    }
+
+    /// Number of KVM slots registered now.
+    pub fn registered_slots(&self) -> usize {
+        self.slot_plugged.iter().filter(|&&p| p > 0).count()
+    }
+
+    /// Slot index range and per-slot overlap of a region-relative range.
+    fn slot_overlaps(&self, offset: u64, len: u64) -> Vec<(usize, u64, u64)> {
+        let mut out = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / self.slot_size;
+            let slot_end = ((idx + 1) * self.slot_size).min(self.region.size());
+            let chunk = slot_end.min(end) - pos;
+            // idx < nr_slots, which fits in u32 (checked in new).
+            out.push((to_usize(idx), idx * self.slot_size, chunk));
+            pos += chunk;
+        }
+        out
+    }
+
+    fn slot_number(&self, idx: usize) -> u32 {
+        // idx < nr_slots, and first_slot + nr_slots fits in u32 (checked in new).
+        self.first_slot + u32::try_from(idx).unwrap_or(u32::MAX - self.first_slot)
+    }
+
+    fn add_slot(&self, idx: usize, slot_offset: u64) -> Result<(), String> {
+        let size = self.slot_size.min(self.region.size() - slot_offset);
+        let host = self.region.host_addr() as u64 + slot_offset;
+        self.memslots.add(
+            self.slot_number(idx),
+            self.region_addr + slot_offset,
+            size,
+            host,
+        )
+    }
+
+    fn remove_slot(&self, idx: usize, slot_offset: u64) {
+        if let Err(e) = self
+            .memslots
+            .remove(self.slot_number(idx), self.region_addr + slot_offset)
+        {
+            // The slot stays registered over PROT_NONE memory: the guest still cannot
+            // get host memory through it, so this costs KVM bookkeeping only.
+            log::error!(
+                "virtio-mem: cannot remove KVM slot {}: {e}",
+                self.slot_number(idx)
+            );
+        }
+    }
+
+    fn insert_run(&mut self, gpa: u64, len: u64) {
+        let mut start = gpa;
+        let mut end = gpa + len;
+        if let Some((&s, &l)) = self.plugged.range(..=gpa).next_back() {
+            if s + l == gpa {
+                start = s;
+                self.plugged.remove(&s);
+            }
+        }
+        if let Some(&l) = self.plugged.get(&end) {
+            self.plugged.remove(&end);
+            end += l;
+        }
+        self.plugged.insert(start, end - start);
+    }
+
+    fn remove_run(&mut self, gpa: u64, len: u64) {
+        let end = gpa + len;
+        let Some((&s, &l)) = self.plugged.range(..=gpa).next_back() else {
+            return;
+        };
+        if s + l < end {
+            return;
+        }
+        self.plugged.remove(&s);
+        if s < gpa {
+            self.plugged.insert(s, gpa - s);
+        }
+        if end < s + l {
+            self.plugged.insert(end, s + l - end);
+        }
+    }
+
+    /// Publishes boot RAM plus the plugged runs as the devices' guest memory.
+    fn publish(&self) -> Result<(), String> {
+        let mut map = self.boot.clone();
+        for (&gpa, &len) in &self.plugged {
+            let offset = gpa - self.region_addr;
+            let host = self.region.host_addr().wrapping_add(to_usize(offset));
+            let size = usize::try_from(len).map_err(|e| e.to_string())?;
+            // SAFETY: [host, host + size) is a plugged (read-write, populated on demand)
+            // part of the region's reservation, which lives as long as the process. The
+            // MmapRegion does not own it (raw pointer: never unmapped on drop), and the run
+            // is removed from the published map before it is unplugged.
+            let mapping = unsafe {
+                MmapRegion::build_raw(
+                    host,
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                )
+            }
+            .map_err(|e| e.to_string())?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
+                .ok_or_else(|| format!("run at {gpa:#x} overflows the address space"))?;
+            map = map
+                .insert_region(Arc::new(region))
+                .map_err(|e| e.to_string())?;
+        }
+        self.mem.lock().map_err(|e| e.to_string())?.replace(map);
+        Ok(())
+    }
+
+    fn offset_of(&self, op: &'static str, gpa: u64, len: u64) -> Result<u64, BackendError> {
+        gpa.checked_sub(self.region_addr)
+            .filter(|o| o.checked_add(len).is_some_and(|e| e <= self.region.size()))
+            .ok_or_else(|| backend_error(op, gpa, len, "range outside the hotplug region"))
+    }
+}
+
+impl BlockBackend for HotplugMemory {
+    fn plug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        let offset = self.offset_of("plug", gpa, len)?;
+        self.region
+            .plug(offset, len)
+            .map_err(|e: MemoryBackendError| backend_error("plug", gpa, len, e))?;
+        let overlaps = self.slot_overlaps(offset, len);
+        let mut added = Vec::new();
+        for &(idx, slot_offset, _) in &overlaps {
+            if self.slot_plugged[idx] == 0 {
+                if let Err(e) = self.add_slot(idx, slot_offset) {
+                    for &(i, so) in &added {
+                        self.remove_slot(i, so);
+                    }
+                    if let Err(undo) = self.region.unplug(offset, len) {
+                        log::error!(
+                            "virtio-mem: cannot release memory after a failed plug: {undo}"
+                        );
+                    }
+                    return Err(backend_error("plug", gpa, len, format!("KVM memslot: {e}")));
+                }
+                debug!("virtio-mem: KVM slot {} added", self.slot_number(idx));
+                added.push((idx, slot_offset));
+            }
+        }
+        for &(idx, _, chunk) in &overlaps {
+            self.slot_plugged[idx] += chunk;
+        }
+        self.insert_run(gpa, len);
+        if let Err(e) = self.publish() {
+            // The guest can use the memory through KVM; only devices cannot see it.
+            log::error!("virtio-mem: cannot update the devices' guest memory map: {e}");
+        }
+        Ok(())
+    }
+
+    fn unplug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
+        let offset = self.offset_of("unplug", gpa, len)?;
+        // Devices stop seeing the range before the host takes it away.
+        self.remove_run(gpa, len);
+        if let Err(e) = self.publish() {
+            self.insert_run(gpa, len);
+            return Err(backend_error("unplug", gpa, len, e));
+        }
+        if let Err(e) = self.region.unplug(offset, len) {
+            self.insert_run(gpa, len);
+            if let Err(e) = self.publish() {
+                log::error!("virtio-mem: cannot restore the devices' guest memory map: {e}");
+            }
+            return Err(backend_error("unplug", gpa, len, e));
+        }
+        for (idx, slot_offset, chunk) in self.slot_overlaps(offset, len) {
+            self.slot_plugged[idx] = self.slot_plugged[idx].saturating_sub(chunk);
+            if self.slot_plugged[idx] == 0 {
+                self.remove_slot(idx, slot_offset);
+                debug!("virtio-mem: KVM slot {} removed", self.slot_number(idx));
+            }
+        }
+        Ok(())
+    }
+}
+
+const _: () = assert!(usize::BITS == 64, "the VMM runs on 64-bit hosts only");
+
+/// Converts a host size or index; lossless on the 64-bit hosts the VMM runs on.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "usize is 64 bits (asserted above)"
+)]
+fn to_usize(v: u64) -> usize {
+    v as usize
+}
+
+/// Logs the layout once, for operators.
+pub fn log_layout(region_addr: u64, region_size: u64, block_size: u64, slot_size: u64) {
+    info!(
+        "virtio-mem region at {region_addr:#x}, size {region_size:#x}, block {block_size:#x}, \
+         KVM slots of {slot_size:#x}"
+    );
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+mod tests {
+    use super::*;
+    use memory_backend::RegionConfig;
+    use std::sync::Mutex;
+    use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryBackend};
+
+    const MIB: u64 = 1 << 20;
+    const BASE: u64 = 4 << 30;
+
+    #[derive(Default)]
+    struct FakeSlots {
+        live: Mutex<BTreeMap<u32, (u64, u64)>>,
+        fail_next_add: Mutex<bool>,
+    }
+
+    impl Memslots for FakeSlots {
+        fn add(&self, slot: u32, gpa: u64, size: u64, _host: u64) -> Result<(), String> {
+            if std::mem::take(&mut *self.fail_next_add.lock().unwrap()) {
+                return Err("injected".into());
+            }
+            assert!(self
+                .live
+                .lock()
+                .unwrap()
+                .insert(slot, (gpa, size))
+                .is_none());
+            Ok(())
+        }
+        fn remove(&self, slot: u32, gpa: u64) -> Result<(), String> {
+            let (g, _) = self.live.lock().unwrap().remove(&slot).unwrap();
+            assert_eq!(g, gpa);
+            Ok(())
+        }
+    }
+
+    fn setup() -> (HotplugMemory, Arc<FakeSlots>, GuestMemoryHandle) {
+        let region = Arc::new(MemoryRegion::new(RegionConfig::new(512 * MIB, 2 * MIB)).unwrap());
+        let boot = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mem = GuestMemoryAtomic::new(boot);
+        let slots = Arc::new(FakeSlots::default());
+        let h =
+            HotplugMemory::new(region, BASE, 128 * MIB, 10, slots.clone(), mem.clone()).unwrap();
+        (h, slots, mem)
+    }
+
+    #[test]
+    fn slots_follow_plugged_memory() {
+        let (mut h, slots, _) = setup();
+        h.plug(BASE + 126 * MIB, 4 * MIB).unwrap();
+        assert_eq!(
+            *slots.live.lock().unwrap(),
+            BTreeMap::from([(10, (BASE, 128 * MIB)), (11, (BASE + 128 * MIB, 128 * MIB))])
+        );
+        h.unplug(BASE + 126 * MIB, 2 * MIB).unwrap();
+        assert_eq!(h.registered_slots(), 1, "slot 10 has nothing left");
+        assert!(slots.live.lock().unwrap().contains_key(&11));
+        h.unplug(BASE + 128 * MIB, 2 * MIB).unwrap();
+        assert!(slots.live.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn devices_see_exactly_plugged_memory() {
+        let (mut h, _, mem) = setup();
+        h.plug(BASE, 4 * MIB).unwrap();
+        h.plug(BASE + 4 * MIB, 2 * MIB).unwrap();
+        let m = mem.memory();
+        assert_eq!(m.num_regions(), 2, "adjacent runs merge");
+        m.write_obj(0xabu8, GuestAddress(BASE + 6 * MIB - 1))
+            .unwrap();
+        assert!(m.write_obj(0u8, GuestAddress(BASE + 6 * MIB)).is_err());
+        drop(m);
+        h.unplug(BASE + 2 * MIB, 2 * MIB).unwrap();
+        let m = mem.memory();
+        assert_eq!(m.num_regions(), 3, "the run split in two");
+        assert!(m.read_obj::<u8>(GuestAddress(BASE + 3 * MIB)).is_err());
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(BASE + 6 * MIB - 1)).unwrap(),
+            0xab
+        );
+    }
+
+    #[test]
+    fn a_refused_memslot_fails_the_plug_and_releases_memory() {
+        let (mut h, slots, mem) = setup();
+        *slots.fail_next_add.lock().unwrap() = true;
+        let e = h.plug(BASE, 2 * MIB).unwrap_err();
+        assert!(e.reason.contains("KVM memslot"), "{e}");
+        assert_eq!(h.registered_slots(), 0);
+        assert_eq!(mem.memory().num_regions(), 1);
+        h.plug(BASE, 2 * MIB).unwrap();
+    }
+
+    #[test]
+    fn ranges_outside_the_region_are_refused() {
+        let (mut h, _, _) = setup();
+        assert!(h.plug(BASE - 2 * MIB, 2 * MIB).is_err());
+        assert!(h.plug(BASE + 512 * MIB, 2 * MIB).is_err());
+        assert!(h.unplug(u64::MAX - MIB, 2 * MIB).is_err());
+    }
+}
