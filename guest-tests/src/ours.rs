@@ -3,18 +3,17 @@
 //! Its control API is HTTP/JSON over a Unix socket: `PUT /v1/memory
 //! {"requested_size": N}` resizes, `GET /v1/memory` answers JSON with `plugged_size`,
 //! `requested_size`, `region_addr`, `region_size`, `block_size` (`crates/vmm-api`'s
-//! `MemoryStatus`). The guest console is the VMM's stdin/stdout. The API client below
-//! is complete; [`Ours::start`] still reports "not implemented" until the VMM grows its
-//! virtio-mem command-line options: wiring it is filling in [`Ours::args`] and
-//! returning an [`OursProcess`]. Note for the reboot scenario: `vmm run` currently exits
-//! (status 2) when the guest reboots, while the scenario expects the VM to come back
-//! with its virtio-mem request kept, as QEMU does.
+//! `MemoryStatus`). The guest console is the VMM's stdin/stdout. The onlining policy
+//! the harness puts on the command line is handed to the VMM as `--guest-online` (so
+//! its own default path is what runs), and a guest reboot restarts the VM in place
+//! (`--on-reboot restart`), as QEMU does.
 
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -28,8 +27,9 @@ pub struct Ours {
 }
 
 impl Ours {
-    /// The intended command line for `spec` with the API on `socket`.
+    /// The command line for `spec` with the API on `socket`.
     pub fn args(&self, spec: &VmSpec, socket: &Path) -> Vec<String> {
+        let (online, cmdline) = split_online_policy(&spec.cmdline);
         vec![
             "run".into(),
             "--kernel".into(),
@@ -37,7 +37,7 @@ impl Ours {
             "--initrd".into(),
             spec.initrd.display().to_string(),
             "--cmdline".into(),
-            spec.cmdline.clone(),
+            cmdline,
             "--cpus".into(),
             spec.cpus.to_string(),
             "--memory".into(),
@@ -46,10 +46,38 @@ impl Ours {
             format!("{}M", spec.hotplug_size >> 20),
             "--block-size".into(),
             format!("{}M", spec.block_size >> 20),
+            "--guest-online".into(),
+            online.into(),
+            "--on-reboot".into(),
+            "restart".into(),
             "--api-socket".into(),
             socket.display().to_string(),
         ]
     }
+}
+
+/// Maps the onlining parameters of a harness command line to the VMM's `--guest-online`
+/// value and returns the command line without them.
+pub fn split_online_policy(cmdline: &str) -> (&'static str, String) {
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    let has = |w: &str| words.contains(&w);
+    let online = if has("memory_hotplug.online_policy=auto-movable") {
+        "auto-movable"
+    } else if has("memhp_default_state=online_movable") {
+        "movable"
+    } else if has("memhp_default_state=offline") {
+        "none"
+    } else {
+        "kernel"
+    };
+    let rest: Vec<&str> = words
+        .into_iter()
+        .filter(|w| {
+            !w.starts_with("memhp_default_state=")
+                && !w.starts_with("memory_hotplug.online_policy=")
+        })
+        .collect();
+    (online, rest.join(" "))
 }
 
 impl Vmm for Ours {
@@ -59,16 +87,53 @@ impl Vmm for Ours {
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmmProcess>, VmmError> {
         let socket = spec.work_dir.join(format!("{}.api", spec.name));
-        Err(VmmError::NotImplemented {
-            vmm: "ours".into(),
-            what: format!(
-                "the VMM has no virtio-mem device and resize API yet; once it has, \
-                 guest-tests/src/ours.rs starts `{} {}` and drives {}",
-                self.binary.display(),
-                self.args(spec, &socket).join(" "),
-                socket.display()
-            ),
-        })
+        let _ = std::fs::remove_file(&socket);
+        let stderr_path = spec.work_dir.join(format!("{}.vmm-stderr.log", spec.name));
+        let stderr = File::create(&stderr_path).map_err(|source| VmmError::Spawn {
+            binary: format!("(stderr log {})", stderr_path.display()),
+            source,
+        })?;
+        let args = self.args(spec, &socket);
+        log::info!("{} {}", self.binary.display(), args.join(" "));
+        let mut child = Command::new(&self.binary)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|source| VmmError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                return Err(VmmError::Connect {
+                    path: socket.display().to_string(),
+                    reason: match exited {
+                        Some(st) => format!("vmm exited ({st}); stderr: {}", err.trim()),
+                        None => format!("no API socket after 60 s; stderr: {}", err.trim()),
+                    },
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Box::new(OursProcess {
+            child,
+            api: ApiClient { socket },
+            stderr_path,
+        }))
     }
 }
 
@@ -194,12 +259,14 @@ pub fn parse_memory(body: &str) -> Result<DeviceSizes, VmmError> {
     })
 }
 
-/// A running instance of our VMM (used once [`Ours::start`] is wired).
+/// A running instance of our VMM.
 pub struct OursProcess {
     /// The VMM process (console on its stdin/stdout).
     pub child: Child,
     /// Its API.
     pub api: ApiClient,
+    /// Where its stderr (log) goes.
+    pub stderr_path: PathBuf,
 }
 
 impl VmmProcess for OursProcess {
@@ -223,7 +290,14 @@ impl VmmProcess for OursProcess {
 
     fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("vmm exited ({status})")),
+            Ok(Some(status)) => {
+                let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+                let tail: Vec<&str> = err.lines().rev().take(5).collect();
+                Some(format!(
+                    "vmm exited ({status}); stderr tail: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                ))
+            }
             _ => None,
         }
     }
@@ -326,7 +400,22 @@ mod tests {
     }
 
     #[test]
-    fn start_reports_not_implemented() {
+    fn online_policy_goes_to_the_vmm_flag() {
+        let (o, c) = split_online_policy("console=ttyS0 quiet memhp_default_state=online_movable");
+        assert_eq!((o, c.as_str()), ("movable", "console=ttyS0 quiet"));
+        let (o, c) = split_online_policy(
+            "console=ttyS0 memhp_default_state=online memory_hotplug.online_policy=auto-movable",
+        );
+        assert_eq!((o, c.as_str()), ("auto-movable", "console=ttyS0"));
+        assert_eq!(
+            split_online_policy("a memhp_default_state=offline").0,
+            "none"
+        );
+        assert_eq!(split_online_policy("a b").0, "kernel");
+    }
+
+    #[test]
+    fn missing_binary_is_a_spawn_error() {
         let spec = VmSpec {
             name: "t".into(),
             kernel: "k".into(),
@@ -336,14 +425,14 @@ mod tests {
             hotplug_size: 1 << 30,
             block_size: 2 << 20,
             cpus: 1,
-            work_dir: "/tmp".into(),
+            work_dir: std::env::temp_dir(),
         };
         let err = Ours {
-            binary: "vmm".into(),
+            binary: "/nonexistent/vmm".into(),
         }
         .start(&spec)
         .err()
         .unwrap();
-        assert!(matches!(err, VmmError::NotImplemented { .. }), "{err}");
+        assert!(matches!(err, VmmError::Spawn { .. }), "{err}");
     }
 }

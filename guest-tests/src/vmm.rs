@@ -76,14 +76,6 @@ pub enum VmmError {
         /// Its answer.
         answer: String,
     },
-    /// The adapter is not wired to a VMM yet.
-    #[error("VMM '{vmm}' is not implemented yet: {what}")]
-    NotImplemented {
-        /// The adapter.
-        vmm: String,
-        /// What is missing.
-        what: String,
-    },
 }
 
 /// The guest console's two ends, as the VMM exposes them.
