@@ -88,7 +88,7 @@ impl Vmm for Ours {
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmmProcess>, VmmError> {
         let socket = spec.work_dir.join(format!("{}.api", spec.name));
         let _ = std::fs::remove_file(&socket);
-        let stderr_path = spec.work_dir.join(format!("{}.vmm-stderr.log", spec.name));
+        let stderr_path = spec.log_dir.join(format!("{}.vmm-stderr.log", spec.name));
         let stderr = File::create(&stderr_path).map_err(|source| VmmError::Spawn {
             binary: format!("(stderr log {})", stderr_path.display()),
             source,
@@ -426,6 +426,7 @@ mod tests {
             block_size: 2 << 20,
             cpus: 1,
             work_dir: std::env::temp_dir(),
+            log_dir: std::env::temp_dir(),
         };
         let err = Ours {
             binary: "/nonexistent/vmm".into(),

@@ -93,7 +93,7 @@ impl Vmm for Qemu {
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmmProcess>, VmmError> {
         let qmp_path = spec.work_dir.join(format!("{}.qmp", spec.name));
         let _ = std::fs::remove_file(&qmp_path);
-        let stderr_path = spec.work_dir.join(format!("{}.qemu-stderr.log", spec.name));
+        let stderr_path = spec.log_dir.join(format!("{}.qemu-stderr.log", spec.name));
         let stderr = File::create(&stderr_path).map_err(|source| VmmError::Spawn {
             binary: format!("(stderr log {})", stderr_path.display()),
             source,
@@ -339,6 +339,7 @@ mod tests {
             block_size: 2 << 20,
             cpus: 1,
             work_dir: "/tmp".into(),
+            log_dir: "/tmp".into(),
         };
         let a = Qemu::default()
             .args(&spec, Path::new("/tmp/q.qmp"))

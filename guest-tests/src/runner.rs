@@ -82,6 +82,7 @@ fn spec_for(kernel: Kernel, boot: Boot, paths: &Paths, opts: &RunOptions, seq: u
         block_size: boot.block_size(),
         cpus: opts.cpus,
         work_dir: paths.work.clone(),
+        log_dir: paths.logs.clone(),
     }
 }
 

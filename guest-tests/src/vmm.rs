@@ -27,8 +27,10 @@ pub struct VmSpec {
     pub block_size: u64,
     /// vCPUs.
     pub cpus: u32,
-    /// Directory for sockets and VMM logs.
+    /// Directory for sockets (a local file system: not a 9p share).
     pub work_dir: PathBuf,
+    /// Directory for the VMM's own logs (kept after the run).
+    pub log_dir: PathBuf,
 }
 
 /// The virtio-mem device's sizes as the VMM reports them.
