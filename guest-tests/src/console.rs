@@ -2,10 +2,11 @@
 //! VMM's console output into lines (kept in a log file too), and a writer for agent
 //! commands. Works with any VMM that puts the guest's ttyS0 on its stdin/stdout.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,17 @@ pub enum ConsoleError {
         /// The console log file.
         log: String,
     },
+    /// The agent came up again although nobody asked for a reboot: the guest reset
+    /// (triple fault, or a panic whose message did not reach the console).
+    #[error(
+        "the guest rebooted unexpectedly while waiting for {waiting_for} (console log: {log})"
+    )]
+    UnexpectedReboot {
+        /// What we waited for.
+        waiting_for: String,
+        /// The console log file.
+        log: String,
+    },
     /// Writing a command to the VMM's stdin failed.
     #[error("cannot send '{command}' to the guest console: {source}")]
     Send {
@@ -72,6 +84,7 @@ pub struct ConsoleLine {
 /// The guest console: agent commands in, lines out.
 pub struct Console {
     rx: Receiver<ConsoleLine>,
+    pending: VecDeque<ConsoleLine>,
     input: Box<dyn Write + Send>,
     log_path: String,
     echo: bool,
@@ -121,6 +134,7 @@ impl Console {
         });
         Ok(Self {
             rx,
+            pending: VecDeque::new(),
             input,
             log_path: log_path.display().to_string(),
             echo,
@@ -153,7 +167,9 @@ impl Console {
     ///
     /// # Errors
     ///
-    /// [`ConsoleError::Timeout`] or [`ConsoleError::Closed`].
+    /// [`ConsoleError::Timeout`], [`ConsoleError::Closed`], [`ConsoleError::GuestPanic`],
+    /// or [`ConsoleError::UnexpectedReboot`] when the agent announces `ready` while
+    /// something else was expected.
     pub fn wait_for(
         &mut self,
         what: &str,
@@ -164,13 +180,24 @@ impl Console {
         let mut lines = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => {
+            let next = match self.pending.pop_front() {
+                Some(line) => Ok(line),
+                None => self.rx.recv_timeout(left).inspect(|line| {
                     if self.echo {
                         println!("    | {}", line.text);
                     }
+                }),
+            };
+            match next {
+                Ok(line) => {
                     if let Some(parsed) = AgentLine::parse(&line.text) {
                         let hit = pred(&parsed);
+                        if !hit && parsed.kind == "ready" {
+                            return Err(ConsoleError::UnexpectedReboot {
+                                waiting_for: what.to_string(),
+                                log: self.log_path.clone(),
+                            });
+                        }
                         lines.push(parsed);
                         if hit {
                             return Ok((lines, line.at));
@@ -198,6 +225,40 @@ impl Console {
                         log: self.log_path.clone(),
                     })
                 }
+            }
+        }
+    }
+
+    /// Looks at what the console printed so far without waiting (lines are kept for the
+    /// next [`Console::wait_for`]): fails on a guest panic or an unexpected agent restart.
+    /// For polling loops that only talk to the VMM.
+    ///
+    /// # Errors
+    ///
+    /// [`ConsoleError::GuestPanic`] or [`ConsoleError::UnexpectedReboot`].
+    pub fn check_events(&mut self, what: &str) -> Result<(), ConsoleError> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(line) => {
+                    if self.echo {
+                        println!("    | {}", line.text);
+                    }
+                    if line.text.contains("Kernel panic - not syncing") {
+                        return Err(ConsoleError::GuestPanic {
+                            waiting_for: what.to_string(),
+                            line: line.text,
+                            log: self.log_path.clone(),
+                        });
+                    }
+                    if AgentLine::parse(&line.text).is_some_and(|l| l.kind == "ready") {
+                        return Err(ConsoleError::UnexpectedReboot {
+                            waiting_for: what.to_string(),
+                            log: self.log_path.clone(),
+                        });
+                    }
+                    self.pending.push_back(line);
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return Ok(()),
             }
         }
     }
@@ -255,6 +316,37 @@ mod tests {
         let mut c = Console::new(Box::new(Cursor::new(out)), sink(), &log(), false).unwrap();
         let err = c.command("report", Duration::from_secs(5)).unwrap_err();
         assert!(matches!(err, ConsoleError::GuestPanic { .. }), "{err}");
+    }
+
+    #[test]
+    fn unexpected_ready_is_a_reboot() {
+        let out = "AGENT ready kernel=x t=1.0\nAGENT done cmd=report t=1.1\n";
+        let mut c = Console::new(Box::new(Cursor::new(out)), sink(), &log(), false).unwrap();
+        let err = c.command("report", Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(err, ConsoleError::UnexpectedReboot { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn check_events_keeps_lines_and_spots_reboots() {
+        let out = "AGENT meminfo memtotal_kb=1 t=1\nAGENT done cmd=meminfo t=1\n";
+        let mut c = Console::new(Box::new(Cursor::new(out)), sink(), &log(), false).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        c.check_events("polling").unwrap();
+        let (lines, _) = c
+            .wait_for("done", Duration::from_secs(5), |l| l.kind == "done")
+            .unwrap();
+        assert_eq!(lines.len(), 2);
+        let out = "AGENT ready t=1\n";
+        let mut c = Console::new(Box::new(Cursor::new(out)), sink(), &log(), false).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        let err = c.check_events("polling").unwrap_err();
+        assert!(
+            matches!(err, ConsoleError::UnexpectedReboot { .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -307,6 +307,7 @@ impl Guest {
     ) -> Result<DeviceSizes, ScenarioError> {
         let deadline = Instant::now() + timeout;
         loop {
+            self.console.check_events("the plugged size to settle")?;
             let s = self.sizes()?;
             if s.plugged == target {
                 return Ok(s);
@@ -337,6 +338,7 @@ impl Guest {
         let mut since = Instant::now();
         loop {
             std::thread::sleep(Duration::from_millis(250));
+            self.console.check_events("the plugged size to settle")?;
             let s = self.sizes()?;
             if s.plugged != last.plugged {
                 since = Instant::now();

@@ -486,6 +486,8 @@ fn pressure_with(g: &mut Guest, m: &mut Metrics, poke: bool) -> Result<(), Scena
     let mut last = u64::MAX;
     let mut stable_since = Instant::now();
     loop {
+        g.console
+            .check_events("the partial unplug under pressure")?;
         let s = g.sizes()?;
         ensure!(
             s.plugged >= floor,
