@@ -93,9 +93,9 @@ pub(crate) struct Target<'a> {
 }
 
 /// Largest chunk one worker takes at a time.
-const MAX_CHUNK: u64 = 128 << 20;
+const MAX_CHUNK: u64 = 32 << 20;
 /// Chunks per thread, for load balance when a thread is descheduled.
-const CHUNKS_PER_THREAD: u64 = 4;
+const CHUNKS_PER_THREAD: u64 = 16;
 
 /// Picks the chunk size and thread count for `len` bytes.
 fn plan(len: u64, page_size: u64, opts: &PopulateOptions) -> (u64, usize) {
