@@ -3,7 +3,8 @@
 //! Run through `ci/bench` (or `cargo bench -p memory-backend --bench host_memory`).
 //! Options: `--json PATH` (default `$BENCH_OUT_DIR/memory-backend.json`, else
 //! `target/bench/memory-backend.json`), `--size-mib N` (default 1024), `--reps N`
-//! (default 5, the median is reported).
+//! (default 5, the median is reported), `--warmup-mib N` (default 4096), `--long-mib N`
+//! (default 4096, 0 to skip), `--kinds a,b` (only these populate/unplug kinds).
 //!
 //! One run measures, side by side:
 //! - plugging `size` with populate: parallel `MADV_POPULATE_WRITE` at 1..nproc threads,
@@ -41,6 +42,7 @@ struct Args {
     size: u64,
     reps: usize,
     warmup: u64,
+    long: u64,
     kinds: Option<Vec<String>>,
 }
 
@@ -53,6 +55,7 @@ fn parse_args() -> Args {
         size: 1024 * MIB,
         reps: 5,
         warmup: 4096 * MIB,
+        long: 4096 * MIB,
         kinds: None,
     };
     let mut it = std::env::args().skip(1);
@@ -61,6 +64,7 @@ fn parse_args() -> Args {
             "--json" => args.json = it.next().unwrap().into(),
             "--size-mib" => args.size = it.next().unwrap().parse::<u64>().unwrap() * MIB,
             "--reps" => args.reps = it.next().unwrap().parse().unwrap(),
+            "--long-mib" => args.long = it.next().unwrap().parse::<u64>().unwrap() * MIB,
             "--warmup-mib" => args.warmup = it.next().unwrap().parse::<u64>().unwrap() * MIB,
             "--kinds" => args.kinds = Some(it.next().unwrap().split(',').map(String::from).collect()),
             "--bench" => {} // passed by `cargo bench`
@@ -323,6 +327,50 @@ fn main() {
         );
     }
 
+    // The same comparison over a longer populate: a 1 GiB populate takes ~0.1 s, so a
+    // worker thread that waits a few milliseconds for a busy core weighs a lot there.
+    let mut long_rows: Vec<Value> = Vec::new();
+    if args.long > 0 && nproc > 1 {
+        let r = region(&anon_thp, args.long);
+        let cases = [1, nproc];
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+        for _ in 0..args.reps.min(3) {
+            for (i, &t) in cases.iter().enumerate() {
+                samples[i].push(
+                    time_populate(
+                        &r,
+                        args.long,
+                        &opts(t, PopulateMethod::MadvisePopulateWrite),
+                    )
+                    .0,
+                );
+            }
+        }
+        let g: Vec<f64> = samples
+            .iter()
+            .map(|v| gibps(args.long, median(&mut v.clone())))
+            .collect();
+        for (i, &t) in cases.iter().enumerate() {
+            let case = format!("{} MiB MADV_POPULATE_WRITE", args.long / MIB);
+            table_row(
+                "long",
+                &case,
+                "anon-thp",
+                t,
+                g[i],
+                &format!("{:.2}x", g[i] / g[0]),
+            );
+            long_rows.push(
+                json!({"kind": "anon-thp", "bytes": args.long, "threads": t, "gib_per_s": g[i],
+                "samples_s": samples[i]}),
+            );
+        }
+        ratios.insert(
+            format!("anon-thp_long_parallel{nproc}_vs_single"),
+            json!(g[1] / g[0]),
+        );
+    }
+
     let mut unplug_rows: Vec<Value> = Vec::new();
     for kind in &kinds {
         let r = region(kind, size);
@@ -383,17 +431,29 @@ fn main() {
             let mut samples = Vec::new();
             for _ in 0..args.reps {
                 let per = usize::try_from(size).unwrap() / t;
-                let start = Instant::now();
+                // Helpers are started first and parked on a barrier, so the timed part
+                // measures writing, not how long a new thread waits for a busy core.
+                let barrier = std::sync::Barrier::new(t);
+                let memset = move |i: usize| {
+                    let p = (base + i * per) as *mut u8;
+                    // SAFETY: [p, p+per) is inside the plugged (RW, populated) range of
+                    // `r`, which outlives the scope; the threads write disjoint slices
+                    // and nothing else accesses the region.
+                    unsafe { std::ptr::write_bytes(p, 0x5a, per) };
+                };
+                let mut start = Instant::now();
                 std::thread::scope(|s| {
-                    for i in 0..t {
+                    for i in 1..t {
+                        let barrier = &barrier;
                         s.spawn(move || {
-                            let p = (base + i * per) as *mut u8;
-                            // SAFETY: [p, p+per) is inside the plugged (RW, populated)
-                            // range of `r`, which outlives the scope; the threads write
-                            // disjoint slices and nothing else accesses the region.
-                            unsafe { std::ptr::write_bytes(p, 0x5a, per) };
+                            barrier.wait();
+                            memset(i);
                         });
                     }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    start = Instant::now();
+                    barrier.wait();
+                    memset(0);
                 });
                 samples.push(start.elapsed().as_secs_f64());
             }
@@ -455,6 +515,7 @@ fn main() {
         "populate": populate_rows,
         "unplug": unplug_rows,
         "memset": memset_rows,
+        "populate_long": long_rows,
         "ratios": ratios,
     });
     if let Some(dir) = args.json.parent() {
