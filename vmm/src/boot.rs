@@ -8,11 +8,11 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
 
 use crate::layout::{
-    self, ACPI_END, ACPI_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START,
-    INITRD_ADDR_MAX, ZERO_PAGE_START,
+    self, ACPI_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, INITRD_ADDR_MAX,
+    RESET_VECTOR, ZERO_PAGE_START,
 };
 
 /// Errors of the boot protocol.
@@ -196,7 +196,7 @@ pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
     let entry = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
     let mut map = vec![
         entry(0, EBDA_START, E820_RAM),
-        entry(ACPI_START, ACPI_END - ACPI_START, E820_RESERVED),
+        entry(ACPI_START, HIMEM_START - ACPI_START, E820_RESERVED),
     ];
     for (start, size) in layout::ram_ranges(mem_size) {
         let (s, e) = (start.0.max(HIMEM_START), start.0 + size);
@@ -205,6 +205,26 @@ pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
         }
     }
     map
+}
+
+/// Real-mode code at the reset vector: `mov al, 0xfe; out 0x64, al; hlt; jmp $-1`.
+///
+/// Linux may reboot by jumping back to the BIOS reset vector (`reboot=b`, and its last
+/// resort); there is no BIOS, so this stub asks the i8042 for a reset, which the VMM sees
+/// as a reboot, instead of running zeros forever.
+pub const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// Writes [`RESET_STUB`] at the reset vector.
+///
+/// # Errors
+///
+/// [`BootError::Write`] when the address is not guest RAM.
+pub fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(|e| BootError::Write {
+            what: "reset vector stub",
+            reason: e.to_string(),
+        })
 }
 
 /// Writes the command line and the zero page.

@@ -8,7 +8,7 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use log::{debug, error, warn};
+use log::{debug, error, trace, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::bus::Bus;
@@ -117,6 +117,14 @@ pub fn filter_cpuid(cpuid: &mut CpuId, cpu: u8, count: u8) {
                     }
                 }
                 e.edx = apic_id;
+            }
+            0xd if e.index == 0 => {
+                // EBX is the XSAVE area size for the features enabled in XCR0. KVM only
+                // recomputes it when XCR0 changes in bits beyond x87/SSE/AVX, so a guest
+                // that enables AVX would read the size for x87/SSE only and warn ("XSAVE
+                // consistency problem"). Linux enables everything EAX offers: the size
+                // for all of it is ECX.
+                e.ebx = e.ecx;
             }
             0x8000_0008 => {
                 // ECX: [15:12] APIC id bits for cores, [7:0] cores - 1.
@@ -369,10 +377,14 @@ pub fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>,
         }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                io_bus.read(u64::from(port), data);
+                if !io_bus.read(u64::from(port), data) {
+                    trace!("vCPU {cpu}: unclaimed read of port {port:#x}");
+                }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                io_bus.write(u64::from(port), data);
+                if !io_bus.write(u64::from(port), data) {
+                    trace!("vCPU {cpu}: unclaimed write of {data:x?} to port {port:#x}");
+                }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 mmio_bus.read(addr, data);
@@ -458,6 +470,13 @@ mod tests {
             entry(0xb, 2),
             entry(4, 0),
             entry(0x8000_0008, 0),
+            kvm_cpuid_entry2 {
+                function: 0xd,
+                index: 0,
+                ebx: 0x240,
+                ecx: 0x340,
+                ..Default::default()
+            },
         ])
         .unwrap();
         filter_cpuid(&mut cpuid, 2, 3);
@@ -471,6 +490,7 @@ mod tests {
         assert_eq!((e[3].ebx, e[3].ecx), (0, 2));
         assert_eq!(e[4].eax >> 26, 2);
         assert_eq!(e[5].ecx & 0xff, 2);
+        assert_eq!(e[6].ebx, 0x340, "XSAVE size covers every offered feature");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! 0x0000_0000  low RAM: real-mode area, GDT/IDT, zero page, page tables, command line
-//! 0x000e_0000  ACPI tables (RSDP first: legacy BIOS search area), up to 1 MiB
+//! 0x000e_0000  ACPI tables (RSDP first: legacy BIOS search area), up to 0xf_0000
+//! 0x000f_fff0  reset vector stub (reboot through the BIOS ends in an i8042 reset)
 //! 0x0010_0000  kernel (bzImage protected-mode code), then the rest of low boot RAM
 //!   ...        initrd at the top of low boot RAM (below 2 GiB)
 //! 0xc000_0000  32-bit MMIO hole (1 GiB): virtio-mmio windows from 0xd000_0000,
@@ -39,7 +40,10 @@ pub const EBDA_START: u64 = 0x9_fc00;
 /// ACPI tables area; the RSDP is first, in the legacy BIOS search range.
 pub const ACPI_START: u64 = 0xe_0000;
 /// End of the ACPI area.
-pub const ACPI_END: u64 = 0x10_0000;
+pub const ACPI_END: u64 = 0xf_0000;
+/// The x86 reset vector (real mode 0xf000:0xfff0), where a CPU reset or a "BIOS" reboot
+/// starts executing; a small stub there turns it into an i8042 reset.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// Start of high memory, where the kernel is loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -128,6 +132,7 @@ mod tests {
             (PDE_START, PDE_START + 4 * 0x1000),
             (CMDLINE_START, CMDLINE_START + CMDLINE_MAX_SIZE as u64),
             (ACPI_START, ACPI_END),
+            (RESET_VECTOR, HIMEM_START),
         ];
         for (i, a) in ends.iter().enumerate() {
             assert!(a.0 < a.1);

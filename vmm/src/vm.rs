@@ -439,6 +439,7 @@ impl Vm {
         let rsdp = acpi::write_acpi_tables(&self.mem, cpus, &self.virtio_windows)?;
         boot::write_boot_params(&self.mem, &kernel, &cmdline, initrd, self.mem_size, rsdp)?;
         cpu::write_boot_tables(&self.mem)?;
+        boot::write_reset_stub(&self.mem)?;
         for (i, vcpu) in self.vcpus.iter().enumerate() {
             let i = u8::try_from(i).unwrap_or(u8::MAX);
             cpu::configure_vcpu(&self.kvm, vcpu, i, cpus, kernel.entry)?;

@@ -103,3 +103,30 @@ fn unclaimed_ports_read_all_ones() {
     assert_eq!(out, [0xff]);
     assert_eq!(reason, ExitReason::Reboot);
 }
+
+#[test]
+fn reset_vector_stub_reboots() {
+    // Jump to the reset stub the way a BIOS reboot does: far jump to 0xf000:0xfff0.
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("SKIP: no /dev/kvm on this host");
+        return;
+    }
+    let sink = Sink::default();
+    let vm = Vm::new(1, 64 << 20, Box::new(sink.clone())).unwrap();
+    vmm::boot::write_reset_stub(vm.memory()).unwrap();
+    vm.memory()
+        .write_slice(&[0xea, 0xf0, 0xff, 0x00, 0xf0], GuestAddress(CODE_ADDR))
+        .unwrap();
+    let vcpu = vm.vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let regs = kvm_bindings::kvm_regs {
+        rip: CODE_ADDR,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).unwrap();
+    assert_eq!(vm.run().unwrap(), ExitReason::Reboot);
+}
