@@ -19,6 +19,9 @@ use crate::bus::BusDevice;
 pub const COM1_BASE: u64 = 0x3f8;
 /// Number of ports of a 8250.
 pub const COM_PORTS: u64 = 8;
+/// Line status register offset and its data-ready bit (reading it has no side effect).
+const LSR_OFFSET: u8 = 5;
+const LSR_DATA_READY: u8 = 1;
 /// Bytes of host input held while the guest's receive FIFO is full.
 const MAX_PENDING_INPUT: usize = 64 * 1024;
 
@@ -79,22 +82,23 @@ impl SerialDevice {
         self.flush_input();
     }
 
+    /// Moves host input into the UART: one byte, and only into an empty FIFO.
+    ///
+    /// vm-superio drops the received-data interrupt on every RBR read, even when bytes
+    /// remain, while Linux's 8250 driver reads at most 256 bytes per pass and relies on
+    /// the interrupt to call it back for the rest: bytes left in a fuller FIFO sat there
+    /// until more input came (a 270-byte command line lost its newline). With one byte
+    /// at a time, every byte raises its own interrupt.
     fn flush_input(&mut self) {
-        while !self.pending.is_empty() && self.uart.fifo_capacity() > 0 {
-            let (a, _) = self.pending.as_slices();
-            let n = a.len().min(self.uart.fifo_capacity());
-            match self.uart.enqueue_raw_bytes(&a[..n]) {
-                Ok(done) => {
-                    self.pending.drain(..done);
-                    if done == 0 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    debug!("serial: cannot queue input: {e:?}");
-                    break;
-                }
-            }
+        if self.uart.read(LSR_OFFSET) & LSR_DATA_READY != 0 {
+            return;
+        }
+        let Some(byte) = self.pending.pop_front() else {
+            return;
+        };
+        if let Err(e) = self.uart.enqueue_raw_bytes(&[byte]) {
+            self.pending.push_front(byte);
+            debug!("serial: cannot queue input: {e:?}");
         }
     }
 
@@ -241,5 +245,43 @@ mod tests {
         }
         assert_eq!(got, input);
         assert_eq!(s.pending_input(), 0);
+    }
+
+    /// Linux's 8250 interrupt handler: while IIR shows an interrupt, read LSR and up to
+    /// 256 received bytes.
+    fn linux_8250_irq(s: &mut SerialDevice, got: &mut Vec<u8>) {
+        loop {
+            let mut iir = [0u8];
+            s.read(2, &mut iir);
+            if iir[0] & 1 != 0 {
+                return;
+            }
+            for _ in 0..256 {
+                let mut lsr = [0u8];
+                s.read(5, &mut lsr);
+                if lsr[0] & 1 == 0 {
+                    break;
+                }
+                let mut b = [0u8];
+                s.read(0, &mut b);
+                got.push(b[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_one_driver_pass_arrives_whole() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(io::sink()));
+        s.write(1, &[1]);
+        let mut input: Vec<u8> = (0..300u32).map(|i| b'a' + (i % 26) as u8).collect();
+        input.push(b'\n');
+        s.enqueue_input(&input);
+        let mut got = Vec::new();
+        // The guest runs its handler once per interrupt, as long as interrupts come.
+        while irq.read().is_ok() {
+            linux_8250_irq(&mut s, &mut got);
+        }
+        assert_eq!(got, input, "input stuck in the FIFO with no interrupt");
     }
 }
