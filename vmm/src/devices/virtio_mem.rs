@@ -116,8 +116,21 @@ impl Drop for VirtioMemDevice {
     }
 }
 
-/// Waits until `notify` or `stop` is readable. Returns false on stop or error.
-fn wait(notify: &EventFd, stop: &EventFd) -> bool {
+/// How long the guest must send no request before idle KVM slots are removed
+/// ([`HotplugMemory::release_idle_slots`] says why this waits).
+const SLOT_RELEASE_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What ended a [`wait`].
+#[derive(Debug, PartialEq, Eq)]
+enum Wake {
+    Notify,
+    Timeout,
+    Stop,
+}
+
+/// Waits until `notify` or `stop` is readable, or `timeout` passes (None: forever).
+fn wait(notify: &EventFd, stop: &EventFd, timeout: Option<std::time::Duration>) -> Wake {
+    let timeout_ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
     let mut fds = [
         libc::pollfd {
             fd: notify.as_raw_fd(),
@@ -133,26 +146,44 @@ fn wait(notify: &EventFd, stop: &EventFd) -> bool {
     loop {
         // SAFETY: `fds` is a valid array of two pollfd structures that outlives the call,
         // and its length is passed alongside it.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             error!("virtio-mem: poll failed: {e}");
-            return false;
+            return Wake::Stop;
         }
-        return fds[1].revents == 0;
+        return if fds[1].revents != 0 {
+            Wake::Stop
+        } else if r == 0 {
+            Wake::Timeout
+        } else {
+            Wake::Notify
+        };
     }
 }
 
 fn serve(core: SharedMem, mem: GuestMemoryHandle, notify: EventFd, stop: EventFd) {
-    while wait(&notify, &stop) {
-        // Non-blocking: a spurious wake-up just finds the queue empty.
-        let _ = notify.read();
-        let guard = mem.memory();
-        if let Err(e) = lock(&core).process_queue(&*guard) {
-            warn!("virtio-mem: {e}");
+    let mut idle_slots = false;
+    loop {
+        match wait(&notify, &stop, idle_slots.then_some(SLOT_RELEASE_QUIET)) {
+            Wake::Stop => break,
+            Wake::Timeout => {
+                lock(&core).state_mut().backend_mut().release_idle_slots();
+                idle_slots = false;
+            }
+            Wake::Notify => {
+                // Non-blocking: a spurious wake-up just finds the queue empty.
+                let _ = notify.read();
+                let guard = mem.memory();
+                let mut dev = lock(&core);
+                if let Err(e) = dev.process_queue(&*guard) {
+                    warn!("virtio-mem: {e}");
+                }
+                idle_slots = dev.state().backend().has_idle_slots();
+            }
         }
     }
 }
@@ -224,7 +255,10 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
 
     fn reset(&mut self) {
         self.stop_worker();
-        lock(&self.core).reset();
+        let mut dev = lock(&self.core);
+        dev.reset();
+        // No request thread is left to do it once the guest goes quiet.
+        dev.state_mut().backend_mut().release_idle_slots();
     }
 }
 
