@@ -92,6 +92,17 @@ fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
             if ci && !s.ci.contains(&k) {
                 continue;
             }
+            if let Some(why) = s.ours_only {
+                if args.vmm != "ours" && !args.scenario.iter().any(|n| n == s.name) {
+                    println!(
+                        "guest-tests: NOT RUN {} {} against {}: {why} (name it with --scenario to run it anyway)",
+                        s.name,
+                        k.label(),
+                        args.vmm
+                    );
+                    continue;
+                }
+            }
             out.push((k, s));
         }
     }

@@ -121,6 +121,8 @@ pub struct Scenario {
     pub boot: Boot,
     /// Kernels `--suite ci` runs it on.
     pub ci: &'static [Kernel],
+    /// Why it runs against our VMM only unless named with `--scenario` (None: any VMM).
+    pub ours_only: Option<&'static str>,
     /// The body.
     pub run: ScenarioFn,
 }
@@ -131,19 +133,20 @@ const NONE: &[Kernel] = &[];
 
 /// Every scenario, in run order.
 pub const ALL: &[Scenario] = &[
-    Scenario { name: "probe", about: "driver binds; dmesg start/region/block sizes; no bad lines", boot: Boot::Movable, ci: BOTH, run: probe },
-    Scenario { name: "plug", about: "0 -> 1 GiB: MemTotal +1 GiB exactly, blocks online Movable, plugged 1 GiB", boot: Boot::Movable, ci: BOTH, run: plug },
-    Scenario { name: "data", about: "data in plugged memory keeps its checksum across grow and shrink", boot: Boot::Movable, ci: K61_ONLY, run: data },
-    Scenario { name: "unplug", about: "1 GiB -> 0: MemTotal back to boot, blocks gone, VMM RSS falls >= 90% of filled", boot: Boot::Movable, ci: BOTH, run: unplug },
-    Scenario { name: "block-2m", about: "2 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Movable, ci: K61_ONLY, run: block_2m },
-    Scenario { name: "pressure", about: "ask for 0 while the guest holds more than boot memory: partial unplug, no errors; completes once freed", boot: Boot::Movable, ci: K61_ONLY, run: pressure },
-    Scenario { name: "pressure-retry", about: "like pressure, but after the guest frees its data nothing re-sends the request: how long the driver's own retry timer takes", boot: Boot::Movable, ci: NONE, run: pressure_retry },
-    Scenario { name: "reboot", about: "after a guest reboot the driver sees plugged size 0 at probe", boot: Boot::Movable, ci: K61_ONLY, run: reboot },
-    Scenario { name: "manual-online", about: "memhp_default_state=offline: plugging stalls with offline blocks, finishes after online_movable", boot: Boot::Offline, ci: K61_ONLY, run: manual_online },
-    Scenario { name: "auto-movable", about: "online_policy=auto-movable: Movable/kernel split follows auto_movable_ratio", boot: Boot::AutoMovable, ci: K61_ONLY, run: auto_movable },
-    Scenario { name: "block-64m", about: "64 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Block64M, ci: K61_ONLY, run: block_64m },
-    Scenario { name: "block-128m", about: "128 MiB device blocks: big-block mode, plug/unplug 512 MiB", boot: Boot::Block128M, ci: K61_ONLY, run: block_128m },
-    Scenario { name: "default-online", about: "no memhp_default_state: 6.1 leaves memory offline, 6.12 onlines it into Normal", boot: Boot::KernelDefault, ci: BOTH, run: default_online },
+    Scenario { name: "probe", about: "driver binds; dmesg start/region/block sizes; no bad lines", boot: Boot::Movable, ci: BOTH, ours_only: None, run: probe },
+    Scenario { name: "plug", about: "0 -> 1 GiB: MemTotal +1 GiB exactly, blocks online Movable, plugged 1 GiB", boot: Boot::Movable, ci: BOTH, ours_only: None, run: plug },
+    Scenario { name: "data", about: "data in plugged memory keeps its checksum across grow and shrink", boot: Boot::Movable, ci: K61_ONLY, ours_only: None, run: data },
+    Scenario { name: "unplug", about: "1 GiB -> 0: MemTotal back to boot, blocks gone, VMM RSS falls >= 90% of filled", boot: Boot::Movable, ci: BOTH, ours_only: None, run: unplug },
+    Scenario { name: "block-2m", about: "2 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Movable, ci: K61_ONLY, ours_only: None, run: block_2m },
+    Scenario { name: "pressure", about: "ask for 0 while the guest holds more than boot memory: partial unplug, no errors; completes once freed", boot: Boot::Movable, ci: K61_ONLY, ours_only: None, run: pressure },
+    Scenario { name: "pressure-retry", about: "like pressure, but after the guest frees its data nothing re-sends the request: how long the driver's own retry timer takes", boot: Boot::Movable, ci: NONE, ours_only: None, run: pressure_retry },
+    Scenario { name: "unplugged-write", about: "with nothing plugged and the driver unbound, the guest writes all over the region through /dev/mem: no host memory appears, nothing reads back; the driver rebinds and plugs", boot: Boot::Movable, ci: K61_ONLY, ours_only: Some(UNPLUGGED_WRITE_QEMU), run: unplugged_write },
+    Scenario { name: "reboot", about: "after a guest reboot the driver sees plugged size 0 at probe", boot: Boot::Movable, ci: K61_ONLY, ours_only: None, run: reboot },
+    Scenario { name: "manual-online", about: "memhp_default_state=offline: plugging stalls with offline blocks, finishes after online_movable", boot: Boot::Offline, ci: K61_ONLY, ours_only: None, run: manual_online },
+    Scenario { name: "auto-movable", about: "online_policy=auto-movable: Movable/kernel split follows auto_movable_ratio", boot: Boot::AutoMovable, ci: K61_ONLY, ours_only: None, run: auto_movable },
+    Scenario { name: "block-64m", about: "64 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Block64M, ci: K61_ONLY, ours_only: None, run: block_64m },
+    Scenario { name: "block-128m", about: "128 MiB device blocks: big-block mode, plug/unplug 512 MiB", boot: Boot::Block128M, ci: K61_ONLY, ours_only: None, run: block_128m },
+    Scenario { name: "default-online", about: "no memhp_default_state: 6.1 leaves memory offline, 6.12 onlines it into Normal", boot: Boot::KernelDefault, ci: BOTH, ours_only: None, run: default_online },
 ];
 
 /// Looks a scenario up by name.
@@ -580,6 +583,104 @@ fn pressure_with(g: &mut Guest, m: &mut Metrics, poke: bool) -> Result<(), Scena
         "bad kernel log lines under pressure: {:?}",
         bad.iter().map(|d| &d.text).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+/// Why `unplugged-write` is not a QEMU scenario.
+const UNPLUGGED_WRITE_QEMU: &str = "QEMU 7.2 maps the whole virtio-mem region into the \
+    guest, so a stray write there gets host memory; it checks our VMM's memslot policy";
+
+/// Guest-physical pages `unplugged-write` writes to, spread evenly over the region.
+const STRAY_WRITES: u64 = 128;
+
+/// Runs `sh CMD` in the guest and returns its output lines.
+fn guest_sh(g: &mut Guest, cmd: &str) -> Result<Vec<String>, ScenarioError> {
+    Ok(g.agent(&format!("sh {cmd}"), QUICK)?
+        .into_iter()
+        .filter(|l| l.kind == "out")
+        .filter_map(|l| l.msg)
+        .collect())
+}
+
+/// The value of `key=` among `sh` output lines.
+fn out_value<'a>(lines: &'a [String], key: &str) -> Option<&'a str> {
+    lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+}
+
+fn unplugged_write(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    g.ensure_plugged(0)?;
+    if g.filled_mib > 0 {
+        g.free()?;
+    }
+    let s = g.sizes()?;
+    let base = s
+        .addr
+        .ok_or_else(|| ScenarioError::Check("the VMM does not report the region address".into()))?;
+    // The bound driver claims the region exclusively, so /dev/mem refuses it; unbound,
+    // it is plain unassigned guest-physical space, as a misbehaving guest would see it.
+    let drv = "/sys/bus/virtio/drivers/virtio_mem";
+    let out = guest_sh(
+        g,
+        &format!(
+            "d=$(ls {drv} | grep '^virtio'); echo dev=$d; echo $d > {drv}/unbind && echo unbound=1"
+        ),
+    )?;
+    let dev = out_value(&out, "dev").unwrap_or("").to_string();
+    ensure!(
+        !dev.is_empty() && out_value(&out, "unbound") == Some("1"),
+        "could not unbind the virtio_mem driver: {out:?}"
+    );
+    let rss_before = g.vmm_rss()?;
+    let t = Instant::now();
+    let stride = s.region_size / STRAY_WRITES;
+    let out = guest_sh(
+        g,
+        &format!(
+            "i=0; same=0; err=0; while [ $i -lt {STRAY_WRITES} ]; do \
+             a=$(({base} + i * {stride} + 4096)); \
+             devmem $a 32 0x5a5a5a5a || err=$((err + 1)); \
+             v=$(devmem $a 32) || err=$((err + 1)); \
+             [ \"$v\" = 0x5A5A5A5A ] && same=$((same + 1)); i=$((i + 1)); done; \
+             echo same=$same; echo err=$err"
+        ),
+    )?;
+    m.insert("write_loop_s".into(), t.elapsed().as_secs_f64());
+    let rss_after = g.vmm_rss()?;
+    let num = |k: &str| out_value(&out, k).and_then(|v| v.parse::<u64>().ok());
+    let (Some(same), Some(err)) = (num("same"), num("err")) else {
+        return Err(ScenarioError::Check(format!(
+            "no counts from the write loop: {out:?}"
+        )));
+    };
+    let growth = rss_after.saturating_sub(rss_before);
+    m.insert("stray_writes".into(), STRAY_WRITES as f64);
+    m.insert("read_back_same".into(), same as f64);
+    m.insert("devmem_errors".into(), err as f64);
+    m.insert("rss_growth_kib".into(), (growth / 1024) as f64);
+    ensure!(
+        err == 0,
+        "{err} of {} /dev/mem accesses failed in the guest, so the test proves nothing: {out:?}",
+        2 * STRAY_WRITES
+    );
+    // One page per write would be STRAY_WRITES * 4 KiB; allow half of that as noise.
+    ensure!(
+        growth < STRAY_WRITES * 4096 / 2,
+        "VMM RSS grew by {} KiB while the guest wrote to {STRAY_WRITES} unplugged pages",
+        growth / 1024
+    );
+    ensure!(
+        same == 0,
+        "{same} of {STRAY_WRITES} writes to unplugged memory read back: they landed in memory"
+    );
+    let out = guest_sh(g, &format!("echo {dev} > {drv}/bind && echo bound=1"))?;
+    ensure!(
+        out_value(&out, "bound") == Some("1"),
+        "could not bind the virtio_mem driver again: {out:?}"
+    );
+    resize_checked(g, 512 * MIB, Some("Movable"), "plug_after", m)?;
+    g.ensure_plugged(0)?;
     Ok(())
 }
 
