@@ -421,6 +421,14 @@ pub fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>,
                 warn!("vCPU {cpu}: unexpected exit {other:?}");
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            // What a guest gets for touching unplugged virtio-mem memory inside a slot that
+            // is still registered (it is PROT_NONE): the VM stops, the host gives nothing.
+            Err(e) if e.errno() == libc::EFAULT => {
+                break ExitReason::Error(format!(
+                    "vCPU {cpu}: the guest accessed memory the host does not back (KVM_RUN: \
+                     {e}), such as unplugged virtio-mem memory; stopping the VM"
+                ))
+            }
             Err(e) => break ExitReason::Error(format!("vCPU {cpu}: KVM_RUN failed: {e}")),
         }
     };
