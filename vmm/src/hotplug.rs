@@ -337,6 +337,7 @@ impl BlockBackend for HotplugMemory {
         let mut added = Vec::new();
         for &(idx, slot_offset, _) in &overlaps {
             if !self.slot_registered[idx] {
+                let t = std::time::Instant::now();
                 if let Err(e) = self.add_slot(idx, slot_offset) {
                     for &(i, so) in &added {
                         self.remove_slot(i, so);
@@ -349,7 +350,11 @@ impl BlockBackend for HotplugMemory {
                     }
                     return Err(backend_error("plug", gpa, len, format!("KVM memslot: {e}")));
                 }
-                debug!("virtio-mem: KVM slot {} added", self.slot_number(idx));
+                debug!(
+                    "virtio-mem: KVM slot {} added in {:?}",
+                    self.slot_number(idx),
+                    t.elapsed()
+                );
                 self.slot_registered[idx] = true;
                 added.push((idx, slot_offset));
             }
