@@ -175,7 +175,12 @@ fn main() -> ExitCode {
     if args.list {
         for s in scenarios::ALL {
             let ci: Vec<_> = s.ci.iter().map(|k| k.label()).collect();
-            println!("{:<15} [ci: {:<8}] {}", s.name, ci.join(","), s.about);
+            let only = if s.ours_only.is_some() {
+                " (our VMM only)"
+            } else {
+                ""
+            };
+            println!("{:<15} [ci: {:<8}] {}{only}", s.name, ci.join(","), s.about);
         }
         return ExitCode::SUCCESS;
     }

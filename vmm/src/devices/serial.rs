@@ -233,7 +233,14 @@ mod tests {
         );
         assert!(irq.read().is_ok());
         let mut got = Vec::new();
-        for _ in 0..1000 {
+        read_ready(&mut s, &mut got, 1000);
+        assert_eq!(got, input);
+        assert_eq!(s.pending_input(), 0);
+    }
+
+    /// Reads received bytes while LSR says data is ready, at most `max`.
+    fn read_ready(s: &mut SerialDevice, got: &mut Vec<u8>, max: usize) {
+        for _ in 0..max {
             let mut lsr = [0u8];
             s.read(5, &mut lsr);
             if lsr[0] & 1 == 0 {
@@ -243,12 +250,10 @@ mod tests {
             s.read(0, &mut b);
             got.push(b[0]);
         }
-        assert_eq!(got, input);
-        assert_eq!(s.pending_input(), 0);
     }
 
-    /// Linux's 8250 interrupt handler: while IIR shows an interrupt, read LSR and up to
-    /// 256 received bytes.
+    /// Linux's 8250 interrupt handler: while IIR shows an interrupt, read up to 256
+    /// received bytes.
     fn linux_8250_irq(s: &mut SerialDevice, got: &mut Vec<u8>) {
         loop {
             let mut iir = [0u8];
@@ -256,16 +261,7 @@ mod tests {
             if iir[0] & 1 != 0 {
                 return;
             }
-            for _ in 0..256 {
-                let mut lsr = [0u8];
-                s.read(5, &mut lsr);
-                if lsr[0] & 1 == 0 {
-                    break;
-                }
-                let mut b = [0u8];
-                s.read(0, &mut b);
-                got.push(b[0]);
-            }
+            read_ready(s, got, 256);
         }
     }
 
