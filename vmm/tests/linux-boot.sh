@@ -113,8 +113,16 @@ for c in "${cases[@]}"; do
     name=vmm-$kver-${cpus}cpu-$action
     want_status=0
     [ "$action" = reboot ] && want_status=2
-    drive "$name" "$cpus" "$action" "$VMM" run --kernel "$img/vmlinuz" --initrd "$img/initrd.img" \
-        --cmdline "$CMDLINE" --memory "$MEM" --cpus "$cpus"
+    for attempt in 1 2; do
+        drive "$name" "$cpus" "$action" "$VMM" run --kernel "$img/vmlinuz" --initrd "$img/initrd.img" \
+            --cmdline "$CMDLINE" --memory "$MEM" --cpus "$cpus"
+        # A guest that hangs mid-boot gets one more try, said here: seen once in about
+        # ten CI runs (2 vCPUs, 6.1, silent after "PCI: CLS"), cause not yet known.
+        case "$R_LASTLINE" in *"timed out after"*) ;; *) break ;; esac
+        [ "$attempt" = 1 ] || break
+        cp "$LOGDIR/$name.log" "$LOGDIR/$name.hung.log"
+        echo "linux-boot: RETRY $name: the guest hung (see $LOGDIR/$name.hung.log); booting it once more"
+    done
     ok=1
     check "$name" '[ -n "$R_INIT_MS" ]' "kernel never reached init (see $LOGDIR/$name.log)" || ok=0
     check "$name" '[ -n "$R_READY_MS" ]' "guest agent never became ready" || ok=0
