@@ -96,7 +96,7 @@ fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
             if ci && !s.ci.contains(&k) {
                 continue;
             }
-            if args.skip.contains(&format!("{}@{}", s.name, k.label())) {
+            if args.skip.contains(&run_key(s.name, k.label())) {
                 continue;
             }
             if let Some(why) = s.ours_only {
@@ -122,6 +122,11 @@ fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
         return Err("no scenario selected".into());
     }
     Ok(out)
+}
+
+/// `NAME@KERNEL`: one scenario run, as `--skip` takes it and PASS lines name it.
+fn run_key(name: &str, kernel: &str) -> String {
+    format!("{name}@{kernel}")
 }
 
 /// Runs this binary with the same arguments (plus `--skip` for `passed`) inside the nested
@@ -162,7 +167,7 @@ fn run_in_testhost(
             println!("{line}");
             let mut f = line.split_whitespace();
             if let (Some("PASS"), Some(name), Some(kernel)) = (f.next(), f.next(), f.next()) {
-                now_passed.push(format!("{name}@{kernel}"));
+                now_passed.push(run_key(name, kernel));
             }
         }
     }
@@ -239,7 +244,7 @@ fn main() -> ExitCode {
             }
             let left = selected
                 .iter()
-                .filter(|(k, s)| !passed.contains(&format!("{}@{}", s.name, k.label())))
+                .filter(|(k, s)| !passed.contains(&run_key(s.name, k.label())))
                 .count();
             if left == 0 {
                 println!(

@@ -772,16 +772,13 @@ fn manual_online(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), Scena
 fn auto_movable(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
     let r0 = g.report()?;
     let kernel = r0.kernel_present_bytes();
-    let ratio_out = g.agent(
-        "sh cat /sys/module/memory_hotplug/parameters/auto_movable_ratio",
-        QUICK,
-    )?;
-    let ratio: u64 = ratio_out
-        .iter()
-        .find(|l| l.kind == "out")
-        .and_then(|l| l.msg.as_deref())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(301);
+    let ratio: u64 = guest_sh(
+        g,
+        "cat /sys/module/memory_hotplug/parameters/auto_movable_ratio",
+    )?
+    .first()
+    .and_then(|v| v.trim().parse().ok())
+    .unwrap_or(301);
     let target = 2 * GIB;
     ensure!(
         target * 100 > ratio * kernel,
