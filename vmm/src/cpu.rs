@@ -8,10 +8,11 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use log::{debug, error, trace, warn};
+use log::{debug, error, info, trace, warn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::bus::Bus;
+use crate::diag::VcpuDumpSlot;
 use crate::exit::{ExitHandle, ExitReason};
 use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
@@ -369,11 +370,22 @@ fn set_lvt_delivery(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode
 }
 
 /// Runs vCPU `cpu` until the guest stops or fails, dispatching I/O and MMIO exits to the
-/// buses, and reports why it stopped through `exit`.
-pub fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>, exit: ExitHandle) {
+/// buses, and reports why it stopped through `exit`. Between two runs it answers a state
+/// dump request of `dump` (see [`crate::diag`]).
+pub fn run_vcpu(
+    mut vcpu: VcpuFd,
+    cpu: u8,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit: ExitHandle,
+    dump: Option<Arc<VcpuDumpSlot>>,
+) {
     let reason = loop {
         if exit.requested() {
             return;
+        }
+        if let Some(d) = &dump {
+            d.answer_if_requested(&vcpu);
         }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -394,10 +406,20 @@ pub fn run_vcpu(mut vcpu: VcpuFd, cpu: u8, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>,
             }
             Ok(VcpuExit::Hlt) => break ExitReason::Poweroff,
             // A triple fault: the last resort of Linux' reboot, and what a crash looks like.
-            Ok(VcpuExit::Shutdown) => break ExitReason::Reboot,
+            // Its state is the only evidence of which, so it goes to the log.
+            Ok(VcpuExit::Shutdown) => {
+                warn!(
+                    "vCPU {cpu}: triple fault (KVM_EXIT_SHUTDOWN), treated as a reset: {}",
+                    crate::diag::describe_vcpu(&vcpu, cpu)
+                );
+                break ExitReason::Reboot;
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => break ExitReason::Poweroff,
-                KVM_SYSTEM_EVENT_RESET => break ExitReason::Reboot,
+                KVM_SYSTEM_EVENT_RESET => {
+                    info!("vCPU {cpu}: KVM system event: reset");
+                    break ExitReason::Reboot;
+                }
                 other => {
                     break ExitReason::Error(format!("vCPU {cpu}: unknown system event {other}"))
                 }

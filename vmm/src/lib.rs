@@ -15,6 +15,7 @@ pub mod bus;
 pub mod cli;
 pub mod cpu;
 pub mod devices;
+pub mod diag;
 pub mod exit;
 pub mod hotplug;
 pub mod layout;

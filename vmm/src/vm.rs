@@ -11,7 +11,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use log::{debug, info, warn};
-use virtio_mmio::{MmioTransport, VirtioDevice};
+use virtio_mmio::{MmioInterrupt, MmioTransport, VirtioDevice};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -24,6 +24,7 @@ use crate::devices::legacy::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, I8042, I8042_B
 use crate::devices::rng::{RngHandler, VirtioRng};
 use crate::devices::serial::{SerialDevice, SerialOut, StdinInput, COM1_BASE, COM_PORTS};
 use crate::devices::virtio_mem::{IrqSlot, MemoryApi, SharedMem, VirtioMemDevice};
+use crate::diag::{self, DumpRequests, DumpSources, Dumper};
 use crate::exit::{exit_channel, ExitHandle, ExitReason, ExitWatch};
 use crate::hotplug::{HotplugMemory, Memslots};
 use crate::layout::{COM1_IRQ, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
@@ -165,6 +166,8 @@ pub struct Vm {
     event_manager: EventManager<Subscriber>,
     serial: Arc<Mutex<SerialDevice>>,
     virtio_windows: Vec<VirtioMmioWindow>,
+    /// Each virtio-mmio device's name, GSI and interrupt, for the state dump.
+    virtio_irqs: Vec<(String, u32, Arc<MmioInterrupt>)>,
     entry: Option<u64>,
 }
 
@@ -278,6 +281,7 @@ impl Vm {
             event_manager,
             serial,
             virtio_windows: Vec::new(),
+            virtio_irqs: Vec::new(),
             entry: None,
         })
     }
@@ -351,11 +355,16 @@ impl Vm {
             .filter(|g| *g <= IRQ_MAX)
             .ok_or(VmError::NoIrq)?;
         let base = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SIZE;
+        let device_type = device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .device_type();
         let transport = MmioTransport::new(device, self.mem_handle.clone())?;
         let setup = |what| move |source| VmError::KvmSetup { what, source };
         self.vm
             .register_irqfd(transport.irqfd(), gsi)
             .map_err(setup("IRQFD (virtio-mmio)"))?;
+        let transport_irq = transport.interrupt();
         let mut notify = Vec::new();
         for (q, evt) in transport.queue_notify_eventfds().iter().enumerate() {
             let q = u32::try_from(q).map_err(|_| VmError::NoIrq)?;
@@ -379,6 +388,11 @@ impl Vm {
             gsi,
         };
         info!("virtio-mmio device at {base:#x}, GSI {gsi}");
+        self.virtio_irqs.push((
+            format!("virtio{index} type={device_type}"),
+            gsi,
+            transport_irq,
+        ));
         self.virtio_windows.push(w);
         Ok((w, notify))
     }
@@ -486,6 +500,32 @@ impl Vm {
     /// [`VmError`] when a vCPU thread cannot be started; guest-side failures are an
     /// [`ExitReason::Error`].
     pub fn run(mut self) -> Result<ExitReason, VmError> {
+        let nr_vcpus = u8::try_from(self.vcpus.len()).unwrap_or(u8::MAX);
+        let dumper = Arc::new(Dumper::new(
+            nr_vcpus,
+            DumpSources {
+                vm: self.vm.clone(),
+                serial: self.serial.clone(),
+                virtio: std::mem::take(&mut self.virtio_irqs),
+            },
+        ));
+        // A VMM without its state dump still runs the guest: say so and go on.
+        let dump_ready = match diag::install_kick_handler() {
+            Ok(()) => match DumpRequests::install(dumper.clone()) {
+                Ok(sub) => {
+                    self.add_subscriber(Arc::new(Mutex::new(sub)));
+                    true
+                }
+                Err(e) => {
+                    warn!("state dump on SIGUSR1 disabled: {e}");
+                    false
+                }
+            },
+            Err(e) => {
+                warn!("state dump on SIGUSR1 disabled: cannot install the vCPU kick signal: {e}");
+                false
+            }
+        };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let (io, mmio, exit) = (
@@ -494,12 +534,14 @@ impl Vm {
                 self.exit.clone(),
             );
             let id = u8::try_from(i).unwrap_or(u8::MAX);
+            let slot = if dump_ready { dumper.slot(id) } else { None };
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || cpu::run_vcpu(vcpu, id, io, mmio, exit))
+                .spawn(move || cpu::run_vcpu(vcpu, id, io, mmio, exit, slot))
                 .map_err(io_err("spawn vCPU thread"))?;
             threads.push(t);
         }
+        dumper.set_threads(&threads);
         let reason = loop {
             if let Some(r) = self.exit_watch.try_reason() {
                 break r;

@@ -87,6 +87,11 @@ impl MmioInterrupt {
         self.config_generation.load(Ordering::SeqCst)
     }
 
+    /// The device status register as the driver last wrote it.
+    pub fn device_status(&self) -> u32 {
+        self.device_status.load(Ordering::SeqCst)
+    }
+
     /// Mirrors the device status so that notifications are held back until DRIVER_OK.
     pub(crate) fn set_device_status(&self, status: u32) {
         self.device_status.store(status, Ordering::SeqCst);

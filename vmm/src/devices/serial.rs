@@ -4,7 +4,9 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, warn};
@@ -25,14 +27,32 @@ const LSR_DATA_READY: u8 = 1;
 /// Bytes of host input held while the guest's receive FIFO is full.
 const MAX_PENDING_INPUT: usize = 64 * 1024;
 
-/// Raises the UART's interrupt through an irqfd.
+/// Raises the UART's interrupt through an irqfd, and counts how often and when (for the
+/// state dump: a guest waiting on a serial interrupt shows whether one was raised).
 #[derive(Debug)]
-pub struct IrqTrigger(pub EventFd);
+pub struct IrqTrigger {
+    evt: EventFd,
+    raised: AtomicU64,
+    last: Mutex<Option<Instant>>,
+}
+
+impl IrqTrigger {
+    /// A trigger that signals `evt` (an irqfd).
+    pub fn new(evt: EventFd) -> Self {
+        Self {
+            evt,
+            raised: AtomicU64::new(0),
+            last: Mutex::new(None),
+        }
+    }
+}
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        self.raised.fetch_add(1, Ordering::Relaxed);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.evt.write(1)
     }
 }
 
@@ -58,7 +78,7 @@ impl SerialDevice {
     /// A UART that signals `irq` and writes to `out`.
     pub fn new(irq: EventFd, out: SerialOut) -> Self {
         Self {
-            uart: Serial::new(IrqTrigger(irq), out),
+            uart: Serial::new(IrqTrigger::new(irq), out),
             pending: VecDeque::new(),
             dropped_input: 0,
         }
@@ -105,6 +125,33 @@ impl SerialDevice {
     /// Bytes of host input not yet in the guest's FIFO.
     pub fn pending_input(&self) -> usize {
         self.pending.len()
+    }
+
+    /// One line with the UART's registers (read without their side effects), its receive
+    /// FIFO fill, the host input waiting, and its interrupt history.
+    pub fn describe(&self) -> String {
+        let st = self.uart.state();
+        let trigger = self.uart.interrupt_evt();
+        let last = trigger
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| format!("{:.3}", t.elapsed().as_secs_f64()))
+            .unwrap_or_else(|| "never".into());
+        format!(
+            "serial com1 ier={:#04x} iir={:#04x} lcr={:#04x} mcr={:#04x} lsr={:#04x} msr={:#04x} \
+             rx_fifo={} host_input_waiting={} dropped_input={} irq_raised={} last_irq_s_ago={last}",
+            st.interrupt_enable,
+            st.interrupt_identification,
+            st.line_control,
+            st.modem_control,
+            st.line_status,
+            st.modem_status,
+            st.in_buffer.len(),
+            self.pending.len(),
+            self.dropped_input,
+            trigger.raised.load(Ordering::Relaxed),
+        )
     }
 }
 
