@@ -18,24 +18,44 @@ fail() {
     poweroff -f
 }
 
-while read -r name status; do
-    [ -z "$name" ] && continue
-    [ "$status" = builtin ] && continue
-    insmod "/lib/modules/$name.ko" || echo "TESTHOST-WARN insmod $name failed"
-done </etc/modules
-
 script=""
 status_file=""
 rw=""
 keep=""
+kvm_amd_opts=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     th.script=*) script=${arg#th.script=} ;;
     th.status=*) status_file=${arg#th.status=} ;;
     th.rw=*) rw=${arg#th.rw=} ;;
     th.keep=*) keep=${arg#th.keep=} ;;
+    th.kvm_amd=*) kvm_amd_opts=$(echo "${arg#th.kvm_amd=}" | tr ',' ' ') ;;
     esac
 done
+
+# The heartbeat: a line every 2 s on the second serial port (ttyS1), from a process that
+# is not the command, so ci/testhost-run can tell a hung test host (no heartbeat) from a
+# command that is only quiet (heartbeat goes on).
+if [ -c /dev/ttyS1 ]; then
+    (
+        while :; do
+            read -r up _ </proc/uptime
+            read -r l1 l5 _ </proc/loadavg
+            echo "hb uptime=$up load=$l1"
+            sleep 2
+        done
+    ) >/dev/ttyS1 2>&1 &
+fi
+
+while read -r name status; do
+    [ -z "$name" ] && continue
+    [ "$status" = builtin ] && continue
+    opts=""
+    [ "$name" = kvm-amd ] && opts=$kvm_amd_opts
+    # shellcheck disable=SC2086
+    insmod "/lib/modules/$name.ko" $opts || echo "TESTHOST-WARN insmod $name $opts failed"
+done </etc/modules
+[ -n "$kvm_amd_opts" ] && echo "TESTHOST-INFO kvm_amd $kvm_amd_opts"
 [ -n "$script" ] || fail "no th.script= on the kernel command line"
 
 mkdir -p /host /orig

@@ -16,12 +16,22 @@ use crate::agent::AgentLine;
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
     /// The expected line did not come in time.
-    #[error("timed out after {secs:.0} s waiting for {waiting_for} (console log: {log})")]
+    #[error(
+        "timed out after {secs:.0} s waiting for {waiting_for} ({lines_seen} console lines \
+         came meanwhile, the last {silent_s:.0} s ago: {last_line:?}; console log: {log})"
+    )]
     Timeout {
         /// What we waited for.
         waiting_for: String,
         /// How long.
         secs: f64,
+        /// Console lines (agent or not) that arrived during the wait: 0 means no answer at
+        /// all, more means the output began and then stopped.
+        lines_seen: usize,
+        /// Seconds since the last console line of the wait (the whole wait when none came).
+        silent_s: f64,
+        /// The last console line of the wait (empty when none came).
+        last_line: String,
         /// The console log file.
         log: String,
     },
@@ -176,8 +186,11 @@ impl Console {
         timeout: Duration,
         mut pred: impl FnMut(&AgentLine) -> bool,
     ) -> Result<(Vec<AgentLine>, Instant), ConsoleError> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let mut lines = Vec::new();
+        let mut seen = 0usize;
+        let mut last: Option<(Instant, String)> = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let next = match self.pending.pop_front() {
@@ -190,6 +203,8 @@ impl Console {
             };
             match next {
                 Ok(line) => {
+                    seen += 1;
+                    last = Some((line.at, line.text.clone()));
                     if let Some(parsed) = AgentLine::parse(&line.text) {
                         let hit = pred(&parsed);
                         if !hit && parsed.kind == "ready" {
@@ -213,11 +228,15 @@ impl Console {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
+                    let (at, last_line) = last.unwrap_or((started, String::new()));
                     return Err(ConsoleError::Timeout {
                         waiting_for: what.to_string(),
                         secs: timeout.as_secs_f64(),
+                        lines_seen: seen,
+                        silent_s: at.elapsed().as_secs_f64(),
+                        last_line,
                         log: self.log_path.clone(),
-                    })
+                    });
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(ConsoleError::Closed {

@@ -125,8 +125,31 @@ impl Guest {
             filled_mib: 0,
             filled_checked: false,
         };
-        g.wait_ready(start)?;
+        if let Err(e) = g.wait_ready(start) {
+            // The VMM is stopped when `g` drops: take its view of the stuck guest first.
+            let timed_out = matches!(e, ScenarioError::Console(ConsoleError::Timeout { .. }));
+            if timed_out && g.vmm.exited().is_none() {
+                return Err(ScenarioError::Check(format!(
+                    "{e} [state dump: {}]",
+                    g.save_dump()
+                )));
+            }
+            return Err(e);
+        }
         Ok(g)
+    }
+
+    /// Writes the VMM's state dump (vCPUs, serial, interrupt controllers) next to the
+    /// console log and returns its path, or why there is none.
+    pub fn save_dump(&mut self) -> String {
+        let path = format!("{}.dump", self.console.log_path());
+        match self.vmm.dump_state() {
+            Ok(text) => match std::fs::write(&path, text) {
+                Ok(()) => path,
+                Err(e) => format!("(cannot write {path}: {e})"),
+            },
+            Err(e) => format!("(no state dump: {e})"),
+        }
     }
 
     /// Waits for `AGENT ready` (after boot or reboot) and records the boot state.

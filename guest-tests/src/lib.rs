@@ -16,4 +16,5 @@ pub mod ours;
 pub mod qemu;
 pub mod runner;
 pub mod scenarios;
+pub mod soak;
 pub mod vmm;

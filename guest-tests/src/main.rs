@@ -12,6 +12,7 @@ use guest_tests::ours::Ours;
 use guest_tests::qemu::Qemu;
 use guest_tests::runner::{self, Paths, RunOptions};
 use guest_tests::scenarios::{self, Kernel, Scenario};
+use guest_tests::soak;
 use guest_tests::vmm::Vmm;
 
 #[derive(Debug, Parser)]
@@ -26,7 +27,8 @@ struct Args {
     /// Run only this scenario (repeatable); see --list.
     #[arg(long)]
     scenario: Vec<String>,
-    /// Scenario set: all, or ci (every scenario on 6.1, the marked ones on 6.12).
+    /// Scenario set: all; ci (every scenario on 6.1, the marked ones on 6.12); ci-smp
+    /// (probe, plug, data, unplug and reboot on both kernels, for a run with --cpus 2).
     #[arg(long, default_value = "all")]
     suite: String,
     /// Where to run the VMM: auto, direct (this host's KVM) or testhost (nested L1).
@@ -60,6 +62,11 @@ struct Args {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Instead of scenarios, boot this many guests one after another through the soak
+    /// routine (ready, dmesg_all, report, plug 512 MiB, unplug, poweroff) and print a
+    /// table of failure classes (one --kernel).
+    #[arg(long)]
+    soak: Option<usize>,
     /// Leave out this scenario on this kernel, as NAME@KERNEL (repeatable). The retry
     /// after a test-host failure uses it for the scenarios that had already passed.
     #[arg(long)]
@@ -73,10 +80,11 @@ fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
             k => vec![Kernel::parse(k)
                 .ok_or_else(|| format!("unknown --kernel '{k}' (6.1, 6.12, all)"))?],
         };
-    let ci = match args.suite.as_str() {
-        "all" => false,
-        "ci" => true,
-        s => return Err(format!("unknown --suite '{s}' (all, ci)")),
+    let suite: Option<fn(&Scenario) -> &'static [Kernel]> = match args.suite.as_str() {
+        "all" => None,
+        "ci" => Some(|s| s.ci),
+        "ci-smp" => Some(|s| s.smp),
+        s => return Err(format!("unknown --suite '{s}' (all, ci, ci-smp)")),
     };
     for n in &args.scenario {
         if scenarios::by_name(n).is_none() {
@@ -87,16 +95,25 @@ fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
             ));
         }
     }
+    let passed_before = runner::already_passed();
     let mut out = Vec::new();
     for k in kernels {
         for s in scenarios::ALL {
             if !args.scenario.is_empty() && !args.scenario.iter().any(|n| n == s.name) {
                 continue;
             }
-            if ci && !s.ci.contains(&k) {
+            if suite.is_some_and(|kernels_of| !kernels_of(s).contains(&k)) {
                 continue;
             }
             if args.skip.contains(&run_key(s.name, k.label())) {
+                continue;
+            }
+            if passed_before.contains(&run_key(s.name, k.label())) {
+                println!(
+                    "guest-tests: {} {} passed in an earlier test host of this run; not run again",
+                    s.name,
+                    k.label()
+                );
                 continue;
             }
             if let Some(why) = s.ours_only {
@@ -118,7 +135,7 @@ fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
             out.push((k, s));
         }
     }
-    if out.is_empty() {
+    if out.is_empty() && passed_before.is_empty() {
         return Err("no scenario selected".into());
     }
     Ok(out)
@@ -129,49 +146,34 @@ fn run_key(name: &str, kernel: &str) -> String {
     format!("{name}@{kernel}")
 }
 
-/// Runs this binary with the same arguments (plus `--skip` for `passed`) inside the nested
-/// test host, echoing its output; returns its status and the `NAME@KERNEL` of each
-/// scenario it reported as passed.
+/// Runs this binary with the same arguments inside the nested test host, echoing its
+/// output, and returns its status. `ci/testhost-run --retries 2` is the one place where
+/// a failure of the test host itself (and only that) is retried, in a fresh L1; the
+/// scenarios that passed before it are listed in `passed_file`, which the run inside reads
+/// to leave them out.
 fn run_in_testhost(
     root: &std::path::Path,
     guest_dir: &std::path::Path,
     exe: &std::path::Path,
     testhost_mem: &str,
-    passed: &[String],
-) -> std::io::Result<(std::process::ExitStatus, Vec<String>)> {
-    use std::io::BufRead;
+    passed_file: &std::path::Path,
+) -> std::io::Result<std::process::ExitStatus> {
     let mut cmd = Command::new(root.join("ci/testhost-run"));
     cmd.args([
         "--mem",
         testhost_mem,
-        "--cpus",
+        "--retries",
         "2",
         "--timeout",
-        "1200",
+        "1500",
         "--",
     ])
     .arg(exe)
     .args(std::env::args_os().skip(1));
-    for p in passed {
-        cmd.arg("--skip").arg(p);
-    }
-    let mut child = cmd
-        .env("GUEST_TESTS_ROOT", root)
+    cmd.env("GUEST_TESTS_ROOT", root)
         .env("GUEST_DIR", guest_dir)
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut now_passed = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        for line in std::io::BufReader::new(out).split(b'\n') {
-            let line = String::from_utf8_lossy(&line?).trim_end().to_string();
-            println!("{line}");
-            let mut f = line.split_whitespace();
-            if let (Some("PASS"), Some(name), Some(kernel)) = (f.next(), f.next(), f.next()) {
-                now_passed.push(run_key(name, kernel));
-            }
-        }
-    }
-    Ok((child.wait()?, now_passed))
+        .env(runner::PASSED_FILE_ENV, passed_file)
+        .status()
 }
 
 fn main() -> ExitCode {
@@ -180,15 +182,38 @@ fn main() -> ExitCode {
     if args.list {
         for s in scenarios::ALL {
             let ci: Vec<_> = s.ci.iter().map(|k| k.label()).collect();
+            let smp: Vec<_> = s.smp.iter().map(|k| k.label()).collect();
             let only = if s.ours_only.is_some() {
                 " (our VMM only)"
             } else {
                 ""
             };
-            println!("{:<15} [ci: {:<8}] {}{only}", s.name, ci.join(","), s.about);
+            println!(
+                "{:<15} [ci: {:<8}] [ci-smp: {:<8}] {}{only}",
+                s.name,
+                ci.join(","),
+                smp.join(","),
+                s.about
+            );
         }
         return ExitCode::SUCCESS;
     }
+    if args.soak.is_some() {
+        if args.kernel == "all" {
+            eprintln!("guest-tests: --soak needs one --kernel (6.1 or 6.12)");
+            return ExitCode::from(2);
+        }
+        if args.scenario.is_empty() {
+            // The soak boots the probe scenario's configuration (online_movable).
+            let mut a = args;
+            a.scenario = vec!["probe".into()];
+            return main_with(a);
+        }
+    }
+    main_with(args)
+}
+
+fn main_with(args: Args) -> ExitCode {
     let selected = match select(&args) {
         Ok(s) => s,
         Err(e) => {
@@ -196,6 +221,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if selected.is_empty() {
+        println!("guest-tests: every selected scenario passed in an earlier test host of this run");
+        return ExitCode::SUCCESS;
+    }
     let Some(want) = Where::parse(&args.where_) else {
         eprintln!(
             "guest-tests: unknown --where '{}' (auto, direct, testhost)",
@@ -226,40 +255,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        // The emulated-SVM test host occasionally locks up (soft lockup, then a panic
-        // and exit 125, or a silent hang that ci/testhost-run ends with 125): that is the
-        // bench failing, not a scenario, so retry once, without what already passed.
-        let mut status = None;
-        let mut passed: Vec<String> = Vec::new();
-        for attempt in 1..=2 {
-            let st = run_in_testhost(&root, &guest_dir, &exe, &args.testhost_mem, &passed);
-            let failed_host = matches!(&st, Ok((s, _)) if s.code() == Some(125));
-            let st = st.map(|(s, p)| {
-                passed.extend(p);
-                s
-            });
-            status = Some(st);
-            if !failed_host || attempt == 2 {
-                break;
-            }
-            let left = selected
-                .iter()
-                .filter(|(k, s)| !passed.contains(&run_key(s.name, k.label())))
-                .count();
-            if left == 0 {
-                println!(
-                    "guest-tests: the nested test host failed after every scenario had passed"
-                );
-                return ExitCode::SUCCESS;
-            }
-            println!(
-                "guest-tests: the nested test host itself failed (exit 125: it locked up or \
-                 crashed, see above); retrying once the {left} scenario runs that had not passed"
-            );
-        }
-        let Some(status) = status else {
-            return ExitCode::from(2);
-        };
+        let passed_file = guest_dir
+            .join("testhost-run")
+            .join(format!("passed-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(guest_dir.join("testhost-run"));
+        let _ = std::fs::remove_file(&passed_file);
+        let status = run_in_testhost(&root, &guest_dir, &exe, &args.testhost_mem, &passed_file);
+        let _ = std::fs::remove_file(&passed_file);
         return match status {
             Ok(s) => match s.code() {
                 Some(0) => ExitCode::SUCCESS,
@@ -332,16 +334,41 @@ fn main() -> ExitCode {
         echo: args.echo,
         cpus: args.cpus,
     };
+    if let Some(boots) = args.soak {
+        let Some(&(kernel, sc)) = selected.first() else {
+            return ExitCode::from(2);
+        };
+        let spec = runner::spec_for(kernel, sc.boot, &paths, &opts, 0);
+        println!(
+            "guest-tests: soak of {boots} boots, {} vCPUs, kernel {}, VMM {}",
+            opts.cpus,
+            kernel.label(),
+            vmm.name()
+        );
+        let boots = soak::run(vmm.as_ref(), &spec, &paths.logs, boots, args.echo);
+        print!("{}", soak::summary(&boots));
+        let _ = std::fs::remove_dir_all(&work);
+        return if boots.iter().all(|b| b.failure.is_none()) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let t = Instant::now();
     let results = runner::run(vmm.as_ref(), &selected, &paths, &opts);
     let total = t.elapsed().as_secs_f64();
     runner::print_summary(&results, total, &why);
+    let versions = runner::package_versions(&guest_dir);
+    for v in &versions {
+        println!("guest-tests: package {v}");
+    }
     match runner::write_json(
         &guest_dir.join("results"),
         vmm.name(),
         &why,
         total,
         &results,
+        &versions,
     ) {
         Ok(p) => println!("guest-tests: results in {}", p.display()),
         Err(e) => eprintln!("guest-tests: cannot write results: {e}"),

@@ -269,7 +269,48 @@ pub struct OursProcess {
     pub stderr_path: PathBuf,
 }
 
+/// How long our VMM gets to print its state dump.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The last complete `vmm-dump:` block (begin to end) of `log` after byte `from`.
+pub fn last_dump(log: &str, from: usize) -> Option<String> {
+    let tail = log.get(from..)?;
+    let begin = tail.rfind("vmm-dump: begin")?;
+    let block = &tail[begin..];
+    let end = block.find("vmm-dump: end")?;
+    Some(block[..end + "vmm-dump: end".len()].to_string())
+}
+
 impl VmmProcess for OursProcess {
+    fn dump_state(&mut self) -> Result<String, VmmError> {
+        let before = std::fs::metadata(&self.stderr_path)
+            .map(|m| usize::try_from(m.len()).unwrap_or(0))
+            .unwrap_or(0);
+        let pid = libc::pid_t::try_from(self.child.id())
+            .map_err(|_| VmmError::Control("VMM pid out of range".into()))?;
+        // SAFETY: kill(2) with the pid of our own child, which is not reaped yet (so the
+        // pid cannot have been reused), and a signal the VMM handles (SIGUSR1: dump).
+        if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+            return Err(VmmError::Control(format!(
+                "cannot signal the VMM for its state dump: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let deadline = Instant::now() + DUMP_TIMEOUT;
+        while Instant::now() < deadline {
+            let log = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+            if let Some(d) = last_dump(&log, before.min(log.len())) {
+                return Ok(d);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(VmmError::Control(format!(
+            "the VMM printed no complete state dump within {} s of SIGUSR1 (stderr: {})",
+            DUMP_TIMEOUT.as_secs(),
+            self.stderr_path.display()
+        )))
+    }
+
     fn take_console(&mut self) -> Option<ConsolePipes> {
         let out = self.child.stdout.take()?;
         let inp = self.child.stdin.take()?;

@@ -239,6 +239,26 @@ pub fn parse_memory_devices(v: &Value, id: &str) -> Option<DeviceSizes> {
 }
 
 impl VmmProcess for QemuProcess {
+    fn dump_state(&mut self) -> Result<String, VmmError> {
+        let mut out = String::new();
+        let cpus = self
+            .qmp
+            .execute("query-cpus-fast", json!({}))
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len))
+            .unwrap_or(1);
+        let mut commands = vec!["info registers -a".to_string(), "info pic".to_string()];
+        commands.extend((0..cpus).map(|i| format!("info lapic {i}")));
+        commands.push("info irq".into());
+        for c in commands {
+            let v = self
+                .qmp
+                .execute("human-monitor-command", json!({"command-line": c}))?;
+            out.push_str(&format!("== {c}\n{}\n", v.as_str().unwrap_or("")));
+        }
+        Ok(out)
+    }
+
     fn take_console(&mut self) -> Option<ConsolePipes> {
         let out = self.child.stdout.take()?;
         let inp = self.child.stdin.take()?;

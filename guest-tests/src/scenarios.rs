@@ -121,6 +121,9 @@ pub struct Scenario {
     pub boot: Boot,
     /// Kernels `--suite ci` runs it on.
     pub ci: &'static [Kernel],
+    /// Kernels `--suite ci-smp` (the CI run with several vCPUs, as users' guests have)
+    /// runs it on.
+    pub smp: &'static [Kernel],
     /// Why it runs against our VMM only unless named with `--scenario` (None: any VMM).
     pub ours_only: Option<&'static str>,
     /// The body.
@@ -133,20 +136,20 @@ const NONE: &[Kernel] = &[];
 
 /// Every scenario, in run order.
 pub const ALL: &[Scenario] = &[
-    Scenario { name: "probe", about: "driver binds; dmesg start/region/block sizes; no bad lines", boot: Boot::Movable, ci: BOTH, ours_only: None, run: probe },
-    Scenario { name: "plug", about: "0 -> 1 GiB: MemTotal +1 GiB exactly, blocks online Movable, plugged 1 GiB", boot: Boot::Movable, ci: BOTH, ours_only: None, run: plug },
-    Scenario { name: "data", about: "data in plugged memory keeps its checksum across grow and shrink", boot: Boot::Movable, ci: K61_ONLY, ours_only: None, run: data },
-    Scenario { name: "unplug", about: "1 GiB -> 0: MemTotal back to boot, blocks gone, VMM RSS falls >= 90% of filled", boot: Boot::Movable, ci: BOTH, ours_only: None, run: unplug },
-    Scenario { name: "block-2m", about: "2 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Movable, ci: K61_ONLY, ours_only: None, run: block_2m },
-    Scenario { name: "pressure", about: "ask for 0 while the guest holds more than boot memory: partial unplug, no errors; completes once freed", boot: Boot::Movable, ci: K61_ONLY, ours_only: None, run: pressure },
-    Scenario { name: "pressure-retry", about: "like pressure, but after the guest frees its data nothing re-sends the request: how long the driver's own retry timer takes", boot: Boot::Movable, ci: NONE, ours_only: None, run: pressure_retry },
-    Scenario { name: "unplugged-write", about: "with nothing plugged and the driver unbound, the guest writes all over the region through /dev/mem: no host memory appears, nothing reads back; the driver rebinds and plugs", boot: Boot::Movable, ci: K61_ONLY, ours_only: Some(UNPLUGGED_WRITE_QEMU), run: unplugged_write },
-    Scenario { name: "reboot", about: "after a guest reboot the driver sees plugged size 0 at probe", boot: Boot::Movable, ci: K61_ONLY, ours_only: None, run: reboot },
-    Scenario { name: "manual-online", about: "memhp_default_state=offline: plugging stalls with offline blocks, finishes after online_movable", boot: Boot::Offline, ci: K61_ONLY, ours_only: None, run: manual_online },
-    Scenario { name: "auto-movable", about: "online_policy=auto-movable: Movable/kernel split follows auto_movable_ratio", boot: Boot::AutoMovable, ci: K61_ONLY, ours_only: None, run: auto_movable },
-    Scenario { name: "block-64m", about: "64 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Block64M, ci: K61_ONLY, ours_only: None, run: block_64m },
-    Scenario { name: "block-128m", about: "128 MiB device blocks: big-block mode, plug/unplug 512 MiB", boot: Boot::Block128M, ci: K61_ONLY, ours_only: None, run: block_128m },
-    Scenario { name: "default-online", about: "no memhp_default_state: 6.1 leaves memory offline, 6.12 onlines it into Normal", boot: Boot::KernelDefault, ci: BOTH, ours_only: None, run: default_online },
+    Scenario { name: "probe", about: "driver binds; dmesg start/region/block sizes; no bad lines", boot: Boot::Movable, ci: BOTH, smp: BOTH, ours_only: None, run: probe },
+    Scenario { name: "plug", about: "0 -> 1 GiB: MemTotal +1 GiB exactly, blocks online Movable, plugged 1 GiB", boot: Boot::Movable, ci: BOTH, smp: BOTH, ours_only: None, run: plug },
+    Scenario { name: "data", about: "data in plugged memory keeps its checksum across grow and shrink", boot: Boot::Movable, ci: K61_ONLY, smp: BOTH, ours_only: None, run: data },
+    Scenario { name: "unplug", about: "1 GiB -> 0: MemTotal back to boot, blocks gone, VMM RSS falls >= 90% of filled", boot: Boot::Movable, ci: BOTH, smp: BOTH, ours_only: None, run: unplug },
+    Scenario { name: "block-2m", about: "2 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Movable, ci: K61_ONLY, smp: NONE, ours_only: None, run: block_2m },
+    Scenario { name: "pressure", about: "ask for 0 while the guest holds more than boot memory: partial unplug, no errors; completes once freed", boot: Boot::Movable, ci: K61_ONLY, smp: NONE, ours_only: None, run: pressure },
+    Scenario { name: "pressure-retry", about: "like pressure, but after the guest frees its data nothing re-sends the request: how long the driver's own retry timer takes", boot: Boot::Movable, ci: NONE, smp: NONE, ours_only: None, run: pressure_retry },
+    Scenario { name: "unplugged-write", about: "with nothing plugged and the driver unbound, the guest writes all over the region through /dev/mem: no host memory appears, nothing reads back; the driver rebinds and plugs", boot: Boot::Movable, ci: K61_ONLY, smp: NONE, ours_only: Some(UNPLUGGED_WRITE_QEMU), run: unplugged_write },
+    Scenario { name: "reboot", about: "after a guest reboot the driver sees plugged size 0 at probe", boot: Boot::Movable, ci: K61_ONLY, smp: BOTH, ours_only: None, run: reboot },
+    Scenario { name: "manual-online", about: "memhp_default_state=offline: plugging stalls with offline blocks, finishes after online_movable", boot: Boot::Offline, ci: K61_ONLY, smp: NONE, ours_only: None, run: manual_online },
+    Scenario { name: "auto-movable", about: "online_policy=auto-movable: Movable/kernel split follows auto_movable_ratio", boot: Boot::AutoMovable, ci: K61_ONLY, smp: NONE, ours_only: None, run: auto_movable },
+    Scenario { name: "block-64m", about: "64 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Block64M, ci: K61_ONLY, smp: NONE, ours_only: None, run: block_64m },
+    Scenario { name: "block-128m", about: "128 MiB device blocks: big-block mode, plug/unplug 512 MiB", boot: Boot::Block128M, ci: K61_ONLY, smp: NONE, ours_only: None, run: block_128m },
+    Scenario { name: "default-online", about: "no memhp_default_state: 6.1 leaves memory offline, 6.12 onlines it into Normal", boot: Boot::KernelDefault, ci: BOTH, smp: NONE, ours_only: None, run: default_online },
 ];
 
 /// Looks a scenario up by name.

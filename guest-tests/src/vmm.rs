@@ -117,6 +117,13 @@ pub trait VmmProcess {
     fn exited(&mut self) -> Option<String>;
     /// Stops the VMM (kill if needed) and reaps it.
     fn stop(&mut self);
+    /// The VMM's view of the vCPUs' and devices' interrupt state (registers, pending
+    /// events, local APIC, serial, interrupt controllers), as text for a failure report.
+    ///
+    /// # Errors
+    ///
+    /// Why the state could not be had.
+    fn dump_state(&mut self) -> Result<String, VmmError>;
 }
 
 /// Resident set size of a host process in bytes, from `/proc/PID/smaps_rollup`.
