@@ -301,11 +301,21 @@ mod tests {
         drop(buf);
     }
 
+    /// Runs on every host: whether the kernel has THP (its sysfs file exists, whatever
+    /// the `enabled` mode) decides which answer is right, and both are checked.
     #[test]
-    fn thp_size_is_a_power_of_two_when_present() {
-        match thp_size() {
-            Ok(v) => assert!(v.is_power_of_two() && v >= base_page_size()),
-            Err(e) => println!("SKIP: host without THP: {e}"),
+    fn thp_size_matches_the_host() {
+        let present = std::path::Path::new(THP_SIZE).exists();
+        match (present, thp_size()) {
+            (true, Ok(v)) => assert!(
+                v.is_power_of_two() && v >= base_page_size(),
+                "THP size {v:#x} from {THP_SIZE}"
+            ),
+            (false, Err(AccountingError::Read { path, .. })) => assert_eq!(path, THP_SIZE),
+            (present, r) => panic!(
+                "{THP_SIZE} {}, but thp_size() gave {r:?}",
+                if present { "exists" } else { "is missing" }
+            ),
         }
     }
 

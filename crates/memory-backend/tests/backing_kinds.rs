@@ -29,11 +29,25 @@ fn tmpfs_path(name: &str) -> TempPath {
     )))
 }
 
-/// A file on the disk that holds the build (tmp directories may be tmpfs).
-fn disk_path(name: &str) -> TempPath {
-    TempPath(
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("memory-backend-{}-{name}", std::process::id())),
+/// A region on a file of a regular (disk) file system: in the build's target directory,
+/// which holds the build and so is a disk almost everywhere, else in `/var/tmp`, which
+/// outlives reboots and so is not tmpfs (`/tmp` may be). Fails, saying what to change,
+/// when neither is: the test must not pass without checking a regular file.
+fn disk_region(name: &str, size: u64, populate: bool) -> (TempPath, MemoryRegion) {
+    let mut seen = Vec::new();
+    for dir in [env!("CARGO_TARGET_TMPDIR"), "/var/tmp"] {
+        let path = TempPath(
+            PathBuf::from(dir).join(format!("memory-backend-{}-{name}", std::process::id())),
+        );
+        let r = region(Backing::File(path.0.clone()), size, populate);
+        if r.backing_kind() == BackingKind::RegularFile {
+            return (path, r);
+        }
+        seen.push(format!("{dir} is {}", r.backing_kind()));
+    }
+    panic!(
+        "no regular file system to test on ({}): point CARGO_TARGET_DIR at a disk",
+        seen.join(", ")
     )
 }
 
@@ -83,16 +97,7 @@ fn tmpfs_file_plug_write_unplug() {
 
 #[test]
 fn regular_file_plug_write_unplug() {
-    let path = disk_path("plug");
-    let r = region(Backing::File(path.0.clone()), 256 * MIB, false);
-    if r.backing_kind() != BackingKind::RegularFile {
-        println!(
-            "SKIP: {} is not on a regular file system ({})",
-            path.0.display(),
-            r.backing_kind()
-        );
-        return;
-    }
+    let (_path, r) = disk_region("plug", 256 * MIB, false);
     plug_write_unplug(&r, 192 * MIB, 64 * MIB);
 }
 
@@ -188,15 +193,6 @@ fn tmpfs_file_random_cycles() {
 
 #[test]
 fn regular_file_random_cycles() {
-    let path = disk_path("cycles");
-    let r = region(Backing::File(path.0.clone()), 64 * MIB, true);
-    if r.backing_kind() != BackingKind::RegularFile {
-        println!(
-            "SKIP: {} is not on a regular file system ({})",
-            path.0.display(),
-            r.backing_kind()
-        );
-        return;
-    }
+    let (_path, r) = disk_region("cycles", 64 * MIB, true);
     random_cycles(&r, 0x5eed_0004, 1000, 4);
 }

@@ -1,14 +1,25 @@
 //! The whole-process figures of `/proc/self/smaps_rollup` follow plug and unplug. These
-//! figures move with every allocation in the process, so this binary holds a single test
-//! (no other test threads run beside it) and measures one backing kind after the other.
+//! figures move with every allocation in the process, so the tests of this binary hold
+//! one lock (no other test thread measures beside them) and each measures one backing
+//! kind after the other. The hugetlb test changes the host's hugetlb pool and is
+//! `#[ignore]`d: `ci/host-tests` runs it on a machine it owns.
 
 #![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use memory_backend::accounting::{process_usage, MemoryUsage};
 use memory_backend::hugetlb::PoolGuard;
 use memory_backend::{Backing, HugePageSize, MemoryRegion, PopulateOptions, RegionConfig};
 
 const MIB: u64 = 1 << 20;
+
+/// Held by every test here: a second test's allocations would move the figures.
+static ROLLUP: Mutex<()> = Mutex::new(());
+
+fn serialize() -> MutexGuard<'static, ()> {
+    ROLLUP.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 fn check(backing: Backing, figure: fn(&MemoryUsage) -> u64, name: &str) {
     let cfg = RegionConfig::new(128 * MIB, 2 * MIB)
@@ -33,15 +44,27 @@ fn check(backing: Backing, figure: fn(&MemoryUsage) -> u64, name: &str) {
 
 #[test]
 fn smaps_rollup_follows_plug_and_unplug() {
+    let _s = serialize();
     check(Backing::PrivateAnonymous, |u| u.anonymous, "Anonymous");
     check(Backing::PrivateAnonymous, |u| u.rss, "Rss");
     check(Backing::SharedMemfd, |u| u.shmem, "Pss_Shmem");
-    match PoolGuard::ensure_available(HugePageSize::Size2M, 32) {
-        Ok(_pool) => check(
-            Backing::HugetlbMemfd(HugePageSize::Size2M),
-            MemoryUsage::hugetlb,
-            "Private+Shared_Hugetlb",
-        ),
-        Err(e) => println!("SKIP: hugetlb part: cannot get 32 free 2 MiB pages: {e}"),
-    }
+}
+
+#[test]
+#[ignore = "changes the host's hugetlb pool: run by ci/host-tests on a machine it owns"]
+fn smaps_rollup_follows_hugetlb_plug_and_unplug() {
+    let _s = serialize();
+    let size = HugePageSize::Size2M;
+    let _pool = PoolGuard::ensure_available(size, 32).unwrap_or_else(|e| {
+        panic!(
+            "cannot get 32 free {size} hugetlb pages ({e}): run as root on a host with \
+             enough free memory to grow {}",
+            size.nr_hugepages_path()
+        )
+    });
+    check(
+        Backing::HugetlbMemfd(size),
+        MemoryUsage::hugetlb,
+        "Private+Shared_Hugetlb",
+    );
 }
