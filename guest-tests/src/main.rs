@@ -56,6 +56,10 @@ struct Args {
     /// Guest vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
+    /// KVM paravirtual features to hide from the guest, comma separated (our VMM's
+    /// `--kvm-pv-off` names; QEMU gets the matching `-cpu host,kvm-...=off`).
+    #[arg(long, env = "GUEST_TESTS_KVM_PV_OFF", value_delimiter = ',')]
+    kvm_pv_off: Vec<String>,
     /// Print the guest console as it comes.
     #[arg(long)]
     echo: bool,
@@ -333,6 +337,7 @@ fn main_with(args: Args) -> ExitCode {
     let opts = RunOptions {
         echo: args.echo,
         cpus: args.cpus,
+        kvm_pv_off: args.kvm_pv_off.clone(),
     };
     if let Some(boots) = args.soak {
         let Some(&(kernel, sc)) = selected.first() else {

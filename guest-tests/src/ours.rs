@@ -30,7 +30,7 @@ impl Ours {
     /// The command line for `spec` with the API on `socket`.
     pub fn args(&self, spec: &VmSpec, socket: &Path) -> Vec<String> {
         let (online, cmdline) = split_online_policy(&spec.cmdline);
-        vec![
+        let mut a = vec![
             "run".into(),
             "--kernel".into(),
             spec.kernel.display().to_string(),
@@ -52,7 +52,11 @@ impl Ours {
             "restart".into(),
             "--api-socket".into(),
             socket.display().to_string(),
-        ]
+        ];
+        if !spec.kvm_pv_off.is_empty() {
+            a.push(format!("--kvm-pv-off={}", spec.kvm_pv_off.join(",")));
+        }
+        a
     }
 }
 
@@ -466,6 +470,7 @@ mod tests {
             hotplug_size: 1 << 30,
             block_size: 2 << 20,
             cpus: 1,
+            kvm_pv_off: Vec::new(),
             work_dir: std::env::temp_dir(),
             log_dir: std::env::temp_dir(),
         };

@@ -35,13 +35,36 @@ impl Default for Qemu {
     }
 }
 
+/// QEMU's `-cpu` property for one of our VMM's `--kvm-pv-off` feature names.
+pub fn qemu_pv_property(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "async-pf" => "kvm-asyncpf",
+        "steal-time" => "kvm-steal-time",
+        "pv-eoi" => "kvm-pv-eoi",
+        "pv-unhalt" => "kvm-pv-unhalt",
+        "pv-tlb-flush" => "kvm-pv-tlb-flush",
+        "async-pf-vmexit" => "kvm-asyncpf-vmexit",
+        "pv-send-ipi" => "kvm-pv-ipi",
+        "poll-control" => "kvm-poll-control",
+        "pv-sched-yield" => "kvm-pv-sched-yield",
+        "async-pf-int" => "kvm-asyncpf-int",
+        _ => return None,
+    })
+}
+
 impl Qemu {
     /// The QEMU command line for `spec`, with QMP on `qmp`.
     pub fn args(&self, spec: &VmSpec, qmp: &Path) -> Vec<String> {
         let mib = |b: u64| b / (1024 * 1024);
         let mut a: Vec<String> = vec!["-accel".into(), self.accel.clone()];
         if self.accel == "kvm" {
-            a.extend(["-cpu".into(), "host".into()]);
+            let mut cpu = String::from("host");
+            for f in &spec.kvm_pv_off {
+                if let Some(prop) = qemu_pv_property(f) {
+                    cpu.push_str(&format!(",{prop}=off"));
+                }
+            }
+            a.extend(["-cpu".into(), cpu]);
         }
         a.extend([
             "-machine".into(),
@@ -358,12 +381,14 @@ mod tests {
             hotplug_size: 4 << 30,
             block_size: 2 << 20,
             cpus: 1,
+            kvm_pv_off: vec!["pv-tlb-flush".into(), "unknown".into()],
             work_dir: "/tmp".into(),
             log_dir: "/tmp".into(),
         };
         let a = Qemu::default()
             .args(&spec, Path::new("/tmp/q.qmp"))
             .join(" ");
+        assert!(a.contains("-cpu host,kvm-pv-tlb-flush=off "), "{a}");
         assert!(a.contains("-m 512M,maxmem=4608M"), "{a}");
         assert!(a.contains("block-size=2M"), "{a}");
         assert!(

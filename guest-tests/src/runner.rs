@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub echo: bool,
     /// Guest vCPUs.
     pub cpus: u32,
+    /// KVM paravirtual features hidden from the guest.
+    pub kvm_pv_off: Vec<String>,
 }
 
 /// One scenario's outcome.
@@ -97,6 +99,7 @@ pub fn spec_for(
         hotplug_size: HOTPLUG_SIZE,
         block_size: boot.block_size(),
         cpus: opts.cpus,
+        kvm_pv_off: opts.kvm_pv_off.clone(),
         work_dir: paths.work.clone(),
         log_dir: paths.logs.clone(),
     }

@@ -27,6 +27,9 @@ pub struct VmSpec {
     pub block_size: u64,
     /// vCPUs.
     pub cpus: u32,
+    /// KVM paravirtual features to hide from the guest (our VMM's `--kvm-pv-off` names:
+    /// pv-tlb-flush, async-pf-int, ...; QEMU gets the matching `-cpu host,kvm-...=off`).
+    pub kvm_pv_off: Vec<String>,
     /// Directory for sockets (a local file system: not a 9p share).
     pub work_dir: PathBuf,
     /// Directory for the VMM's own logs (kept after the run).

@@ -109,6 +109,12 @@ pub struct RunArgs {
     /// What a guest reboot does.
     #[arg(long, value_enum, default_value = "exit")]
     pub on_reboot: OnReboot,
+    /// KVM paravirtual features to hide from the guest, comma separated: async-pf,
+    /// steal-time, pv-eoi, pv-unhalt, pv-tlb-flush, async-pf-vmexit, pv-send-ipi,
+    /// poll-control, pv-sched-yield, async-pf-int, or all (the KVM clock stays). For hosts
+    /// whose KVM mishandles one, such as a nested test host.
+    #[arg(long, value_delimiter = ',')]
+    pub kvm_pv_off: Vec<String>,
 }
 
 /// Smallest boot RAM accepted: a distro kernel with an initramfs needs this much to boot.
@@ -181,6 +187,13 @@ pub enum CliError {
     /// A requested size without a region to plug it from.
     #[error("--requested-size needs --hotplug-size")]
     NoHotplugRegion,
+    /// `--kvm-pv-off` names a feature this VMM does not know.
+    #[error(
+        "--kvm-pv-off: unknown KVM paravirtual feature '{0}' (async-pf, steal-time, pv-eoi, \
+         pv-unhalt, pv-tlb-flush, async-pf-vmexit, pv-send-ipi, poll-control, pv-sched-yield, \
+         async-pf-int, all)"
+    )]
+    UnknownPvFeature(String),
     /// A file does not exist or is not a regular file.
     #[error("{what} file {path} does not exist or is not a file")]
     MissingFile {
@@ -236,6 +249,8 @@ impl RunArgs {
             None => self.cmdline.clone(),
         };
         let cmdline = with_reboot_method(&cmdline);
+        let kvm_pv_off =
+            crate::cpu::kvm_pv_mask(&self.kvm_pv_off).map_err(CliError::UnknownPvFeature)?;
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -246,6 +261,7 @@ impl RunArgs {
             rng: !self.no_rng,
             hotplug,
             api_socket: self.api_socket.clone(),
+            kvm_pv_off,
         })
     }
 }
@@ -254,6 +270,35 @@ impl RunArgs {
 #[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_pv_off_names_features() {
+        let exe = std::env::current_exe().unwrap();
+        let exe = exe.to_str().unwrap();
+        let Command::Run(a) = Cli::try_parse_from([
+            "vmm",
+            "run",
+            "--kernel",
+            exe,
+            "--kvm-pv-off",
+            "pv-tlb-flush,async-pf-int",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a run command");
+        };
+        assert_eq!(a.to_config().unwrap().kvm_pv_off, (1 << 9) | (1 << 14));
+        let Command::Run(a) =
+            Cli::try_parse_from(["vmm", "run", "--kernel", exe, "--kvm-pv-off", "bogus"])
+                .unwrap()
+                .command
+        else {
+            panic!("not a run command");
+        };
+        let e = a.to_config().unwrap_err().to_string();
+        assert!(e.contains("unknown KVM paravirtual feature 'bogus'"), "{e}");
+    }
 
     #[test]
     fn sizes() {

@@ -66,6 +66,48 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 
+/// KVM's paravirtual features leaf (`KVM_CPUID_FEATURES`): EAX holds the feature bits.
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+
+/// KVM paravirtual features a guest can be denied (`vmm run --kvm-pv-off`), by name, with
+/// their bit in `KVM_CPUID_FEATURES.EAX` (Linux `arch/x86/include/uapi/asm/kvm_para.h`).
+pub const KVM_PV_FEATURES: &[(&str, u32)] = &[
+    ("async-pf", 4),
+    ("steal-time", 5),
+    ("pv-eoi", 6),
+    ("pv-unhalt", 7),
+    ("pv-tlb-flush", 9),
+    ("async-pf-vmexit", 10),
+    ("pv-send-ipi", 11),
+    ("poll-control", 12),
+    ("pv-sched-yield", 13),
+    ("async-pf-int", 14),
+];
+
+/// The `KVM_CPUID_FEATURES.EAX` mask of the named paravirtual features (see
+/// [`KVM_PV_FEATURES`]); `all` names every one of them.
+///
+/// # Errors
+///
+/// The first unknown name.
+pub fn kvm_pv_mask(names: &[String]) -> Result<u32, String> {
+    let mut mask = 0;
+    for n in names {
+        if n == "all" {
+            mask |= KVM_PV_FEATURES
+                .iter()
+                .fold(0, |m, (_, bit)| m | (1u32 << bit));
+            continue;
+        }
+        let (_, bit) = KVM_PV_FEATURES
+            .iter()
+            .find(|(name, _)| name == n)
+            .ok_or_else(|| n.clone())?;
+        mask |= 1u32 << bit;
+    }
+    Ok(mask)
+}
+
 /// Number of bits needed to number `n` items (ceil(log2(n))).
 fn bits_for(n: u32) -> u32 {
     n.max(1).next_power_of_two().trailing_zeros()
@@ -73,8 +115,9 @@ fn bits_for(n: u32) -> u32 {
 
 /// Adjusts KVM's supported CPUID for vCPU `cpu` of `count`: APIC ids, the topology leaves
 /// (0x1, 0x4, 0xb/0x1f, AMD 0x8000_0008/0x8000_001e: one socket, `count` cores, one thread
-/// each), and the hypervisor bit.
-pub fn filter_cpuid(cpuid: &mut CpuId, cpu: u8, count: u8) {
+/// each), the hypervisor bit, and KVM's paravirtual features less `pv_off` (a
+/// [`kvm_pv_mask`]).
+pub fn filter_cpuid(cpuid: &mut CpuId, cpu: u8, count: u8, pv_off: u32) {
     let apic_id = u32::from(cpu);
     let count32 = u32::from(count);
     let core_bits = bits_for(count32);
@@ -131,6 +174,7 @@ pub fn filter_cpuid(cpuid: &mut CpuId, cpu: u8, count: u8) {
                 // ECX: [15:12] APIC id bits for cores, [7:0] cores - 1.
                 e.ecx = (core_bits << 12) | (count32 - 1);
             }
+            KVM_CPUID_FEATURES => e.eax &= !pv_off,
             0x8000_001e => {
                 e.eax = apic_id;
                 e.ebx = apic_id & 0xff; // compute unit id, one thread per unit
@@ -273,7 +317,8 @@ fn boot_gdt() -> [u64; 4] {
     ]
 }
 
-/// Configures vCPU `cpu` of `count` to start the kernel's 64-bit entry point at `entry`.
+/// Configures vCPU `cpu` of `count` to start the kernel's 64-bit entry point at `entry`,
+/// without the KVM paravirtual features in `pv_off`.
 ///
 /// # Errors
 ///
@@ -284,11 +329,12 @@ pub fn configure_vcpu(
     cpu: u8,
     count: u8,
     entry: u64,
+    pv_off: u32,
 ) -> Result<(), CpuError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("GET_SUPPORTED_CPUID", cpu))?;
-    filter_cpuid(&mut cpuid, cpu, count);
+    filter_cpuid(&mut cpuid, cpu, count, pv_off);
     vcpu.set_cpuid2(&cpuid)
         .map_err(kvm_err("SET_CPUID2", cpu))?;
 
@@ -509,7 +555,7 @@ mod tests {
             },
         ])
         .unwrap();
-        filter_cpuid(&mut cpuid, 2, 3);
+        filter_cpuid(&mut cpuid, 2, 3, 0);
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 2, "initial APIC id");
         assert_eq!((e[0].ebx >> 16) & 0xff, 3);
@@ -521,6 +567,24 @@ mod tests {
         assert_eq!(e[4].eax >> 26, 2);
         assert_eq!(e[5].ecx & 0xff, 2);
         assert_eq!(e[6].ebx, 0x340, "XSAVE size covers every offered feature");
+    }
+
+    #[test]
+    fn pv_features_can_be_hidden() {
+        let mask = kvm_pv_mask(&["pv-tlb-flush".into(), "async-pf-int".into()]).unwrap();
+        assert_eq!(mask, (1 << 9) | (1 << 14));
+        assert_eq!(kvm_pv_mask(&["nope".into()]), Err("nope".into()));
+        let all = kvm_pv_mask(&["all".into()]).unwrap();
+        assert_eq!(all.count_ones(), 10);
+        assert_eq!(all & 1, 0, "the clock source stays");
+        let mut cpuid = CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function: KVM_CPUID_FEATURES,
+            eax: 0x0100_7eff,
+            ..Default::default()
+        }])
+        .unwrap();
+        filter_cpuid(&mut cpuid, 0, 1, mask);
+        assert_eq!(cpuid.as_slice()[0].eax, 0x0100_7eff & !mask);
     }
 
     #[test]

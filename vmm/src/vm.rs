@@ -54,6 +54,8 @@ pub struct VmConfig {
     pub hotplug: Option<HotplugConfig>,
     /// Serve the memory API on this Unix socket.
     pub api_socket: Option<PathBuf>,
+    /// KVM paravirtual features hidden from the guest (a [`cpu::kvm_pv_mask`]).
+    pub kvm_pv_off: u32,
 }
 
 /// How a run ended, and what the VMM needs to restart the guest the same way.
@@ -481,7 +483,7 @@ impl Vm {
         boot::write_reset_stub(&self.mem)?;
         for (i, vcpu) in self.vcpus.iter().enumerate() {
             let i = u8::try_from(i).unwrap_or(u8::MAX);
-            cpu::configure_vcpu(&self.kvm, vcpu, i, cpus, kernel.entry)?;
+            cpu::configure_vcpu(&self.kvm, vcpu, i, cpus, kernel.entry, cfg.kvm_pv_off)?;
         }
         self.entry = Some(kernel.entry);
         Ok(())
