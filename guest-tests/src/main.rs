@@ -337,7 +337,13 @@ fn main_with(args: Args) -> ExitCode {
     let opts = RunOptions {
         echo: args.echo,
         cpus: args.cpus,
-        kvm_pv_off: args.kvm_pv_off.clone(),
+        // An empty GUEST_TESTS_KVM_PV_OFF means none.
+        kvm_pv_off: args
+            .kvm_pv_off
+            .iter()
+            .filter(|f| !f.trim().is_empty())
+            .cloned()
+            .collect(),
     };
     if let Some(boots) = args.soak {
         let Some(&(kernel, sc)) = selected.first() else {

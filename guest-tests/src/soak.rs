@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::console::ConsoleError;
 use crate::guest::{Guest, ScenarioError, MIB, QUICK};
-use crate::vmm::{VmSpec, Vmm};
+use crate::vmm::{VmSpec, Vmm, VmmError};
 
 /// Plugged and unplugged by every soak boot.
 pub const SOAK_PLUG: u64 = 512 * MIB;
@@ -70,6 +70,10 @@ impl FailureClass {
                 FailureClass::UnexpectedReset
             }
             ScenarioError::Console(ConsoleError::GuestPanic { .. }) => FailureClass::GuestPanic,
+            // The VMM could not be started or reached: nothing booted.
+            ScenarioError::Vmm(VmmError::Spawn { .. } | VmmError::Connect { .. }) => {
+                FailureClass::VmmExit
+            }
             _ if vmm_exited => FailureClass::VmmExit,
             _ if booting => FailureClass::BootHang,
             ScenarioError::Console(ConsoleError::Timeout { lines_seen, .. }) => {
@@ -214,6 +218,14 @@ mod tests {
         );
         assert_eq!(
             FailureClass::of(&timeout(3), false, true),
+            FailureClass::VmmExit
+        );
+        let no_vmm = ScenarioError::Vmm(VmmError::Connect {
+            path: "s".into(),
+            reason: "vmm exited".into(),
+        });
+        assert_eq!(
+            FailureClass::of(&no_vmm, true, false),
             FailureClass::VmmExit
         );
         let reset = ScenarioError::Console(ConsoleError::UnexpectedReboot {
