@@ -44,10 +44,10 @@ extern "C" fn on_dump_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
     let fd = DUMP_EVENTFD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and fd is an
-        // eventfd that lives as long as the process (the DumpRequests that owns it is
-        // leaked into the event loop and never closed before exit). A failed write only
-        // loses this one request.
+        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and fd is a
+        // descriptor of an eventfd that is never closed (DumpRequests::install gives up
+        // ownership of it with into_raw_fd), so it cannot name another file. A failed
+        // write only loses this one request.
         unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
     }
 }
@@ -107,7 +107,9 @@ pub struct DumpSources {
 pub struct Dumper {
     slots: Vec<Arc<VcpuDumpSlot>>,
     answers: Mutex<Receiver<(u8, String)>>,
-    threads: Mutex<Vec<libc::pthread_t>>,
+    /// The vCPU threads, kept joinable (never detached) so that their pthread ids stay
+    /// valid for pthread_kill even after a thread has ended.
+    threads: Mutex<Vec<JoinHandle<()>>>,
     sources: DumpSources,
 }
 
@@ -145,10 +147,11 @@ impl Dumper {
         self.slots.get(usize::from(index)).cloned()
     }
 
-    /// Records the vCPU threads, in vCPU order, so that a dump can kick them.
-    pub fn set_threads(&self, threads: &[JoinHandle<()>]) {
+    /// Takes the vCPU threads, in vCPU order, so that a dump can kick them. The dumper
+    /// keeps them joinable for as long as it lives.
+    pub fn set_threads(&self, threads: Vec<JoinHandle<()>>) {
         let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        *t = threads.iter().map(|h| h.as_pthread_t()).collect();
+        *t = threads;
     }
 
     /// Collects the whole dump as lines (without the `vmm-dump:` prefix).
@@ -183,11 +186,7 @@ impl Dumper {
         for s in &self.slots {
             s.requested.store(true, Ordering::SeqCst);
         }
-        let threads = self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         let mut got: Vec<Option<String>> = vec![None; self.slots.len()];
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
         // A kick that lands just before a thread enters KVM_RUN does not interrupt it:
@@ -195,11 +194,12 @@ impl Dumper {
         while got.iter().any(Option::is_none) && Instant::now() < deadline {
             for (i, t) in threads.iter().enumerate() {
                 if got.get(i).is_some_and(Option::is_none) {
-                    // SAFETY: `t` is the pthread id of a vCPU thread of this process, taken
-                    // from its JoinHandle; vCPU threads live until the process exits (the
-                    // VM never joins them), so the id stays valid. The kick signal has a
-                    // no-op handler (install_kick_handler), so it only interrupts KVM_RUN.
-                    unsafe { libc::pthread_kill(*t, kick_signal()) };
+                    // SAFETY: the id comes from a JoinHandle that `threads` (locked here)
+                    // holds: the thread is neither joined nor detached, so the id is valid
+                    // even if the thread has ended (then pthread_kill only reports ESRCH).
+                    // The kick signal has a no-op handler (install_kick_handler), so it
+                    // only interrupts KVM_RUN.
+                    unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
                 }
             }
             if let Ok((i, text)) = answers.recv_timeout(Duration::from_millis(20)) {

@@ -543,7 +543,8 @@ impl Vm {
                 .map_err(io_err("spawn vCPU thread"))?;
             threads.push(t);
         }
-        dumper.set_threads(&threads);
+        // The dumper keeps the vCPU threads (joinable) for as long as a dump may kick them.
+        dumper.set_threads(threads);
         let reason = loop {
             if let Some(r) = self.exit_watch.try_reason() {
                 break r;
@@ -553,7 +554,6 @@ impl Vm {
             }
         };
         // vCPU threads still in KVM_RUN are left to the process exit: the guest is done.
-        drop(threads);
         Ok(reason)
     }
 }
