@@ -71,8 +71,7 @@ struct Args {
     /// table of failure classes (one --kernel).
     #[arg(long)]
     soak: Option<usize>,
-    /// Leave out this scenario on this kernel, as NAME@KERNEL (repeatable). The retry
-    /// after a test-host failure uses it for the scenarios that had already passed.
+    /// Leave out this scenario on this kernel, as NAME@KERNEL (repeatable).
     #[arg(long)]
     skip: Vec<String>,
 }
@@ -109,10 +108,10 @@ fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
             if suite.is_some_and(|kernels_of| !kernels_of(s).contains(&k)) {
                 continue;
             }
-            if args.skip.contains(&run_key(s.name, k.label())) {
+            if args.skip.contains(&runner::run_key(s.name, k.label())) {
                 continue;
             }
-            if passed_before.contains(&run_key(s.name, k.label())) {
+            if passed_before.contains(&runner::run_key(s.name, k.label())) {
                 println!(
                     "guest-tests: {} {} passed in an earlier test host of this run; not run again",
                     s.name,
@@ -143,11 +142,6 @@ fn select(args: &Args) -> Result<Vec<(Kernel, &'static Scenario)>, String> {
         return Err("no scenario selected".into());
     }
     Ok(out)
-}
-
-/// `NAME@KERNEL`: one scenario run, as `--skip` takes it and PASS lines name it.
-fn run_key(name: &str, kernel: &str) -> String {
-    format!("{name}@{kernel}")
 }
 
 /// Runs this binary with the same arguments inside the nested test host, echoing its

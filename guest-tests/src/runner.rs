@@ -259,7 +259,7 @@ pub fn run(
         };
         print_result(&r);
         if passed {
-            record_passed(&format!("{}@{}", r.scenario, r.kernel));
+            record_passed(&run_key(&r.scenario, &r.kernel));
         }
         results.push(r);
         if !passed {
@@ -322,6 +322,11 @@ fn print_result(r: &ScenarioResult) {
             r.scenario, r.kernel, r.wall_s, r.message, r.console_log
         );
     }
+}
+
+/// `NAME@KERNEL`: one scenario run, as `--skip` and the passed-runs file take it.
+pub fn run_key(name: &str, kernel: &str) -> String {
+    format!("{name}@{kernel}")
 }
 
 /// The Debian package versions this run used: the images' (`images/versions.txt` of
