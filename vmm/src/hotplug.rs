@@ -10,8 +10,9 @@
 //! gets no host memory (KVM fails the access instead).
 //!
 //! The guest memory map that devices use (a [`GuestMemoryHandle`]) holds boot RAM plus
-//! exactly the plugged runs, so a device never dereferences an unplugged (`PROT_NONE`)
-//! host page, whatever address a guest puts in a descriptor.
+//! exactly the plugged runs, and an unplug takes host memory away only once no device
+//! holds a view of an older map, so a device never dereferences an unplugged
+//! (`PROT_NONE`) host page, whatever address a guest puts in a descriptor.
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
@@ -78,6 +79,11 @@ pub enum HotplugError {
     #[error("invalid hotplug slot layout: {0}")]
     Layout(String),
 }
+
+/// Longest wait in an unplug for devices to drop their views of guest memory. Devices hold
+/// one for a round of bounded work (milliseconds); past this the unplug fails (the guest
+/// is answered BUSY and retries) rather than leave a device a view of PROT_NONE memory.
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The host side of the virtio-mem region: implements the device's [`BlockBackend`].
 pub struct HotplugMemory {
@@ -285,17 +291,21 @@ impl HotplugMemory {
         }
     }
 
-    /// Publishes boot RAM plus the plugged runs as the devices' guest memory.
-    fn publish(&self) -> Result<(), String> {
+    /// Publishes boot RAM plus the plugged runs as the devices' guest memory; returns the
+    /// map's generation.
+    fn publish(&self) -> Result<u64, String> {
         let mut map = self.boot.clone();
         for (&gpa, &len) in &self.plugged {
             let offset = gpa - self.region_addr;
             let host = self.region.host_addr().wrapping_add(to_usize(offset));
             let size = usize::try_from(len).map_err(|e| e.to_string())?;
-            // SAFETY: [host, host + size) is a plugged (read-write, populated on demand)
-            // part of the region's reservation, which lives as long as the process. The
-            // MmapRegion does not own it (raw pointer: never unmapped on drop), and the run
-            // is removed from the published map before it is unplugged.
+            // SAFETY: [host, host + size) is a plugged part of the region's reservation
+            // (read-write now, populated on demand), which stays mapped as long as the
+            // process lives; the MmapRegion does not own it (raw pointer: never unmapped on
+            // drop). `unplug` makes a run inaccessible only after it has published a map
+            // without it and waited until no snapshot of this or any older map is alive
+            // (`GuestMemoryHandle::wait_for_older_snapshots`), so no device dereferences
+            // it through this map once it is PROT_NONE.
             let mapping = unsafe {
                 MmapRegion::build_raw(
                     host,
@@ -311,8 +321,7 @@ impl HotplugMemory {
                 .insert_region(Arc::new(region))
                 .map_err(|e| e.to_string())?;
         }
-        self.mem.lock().map_err(|e| e.to_string())?.replace(map);
-        Ok(())
+        Ok(self.mem.publish(map))
     }
 
     fn offset_of(&self, op: &'static str, gpa: u64, len: u64) -> Result<u64, BackendError> {
@@ -372,10 +381,19 @@ impl BlockBackend for HotplugMemory {
 
     fn unplug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
         let offset = self.offset_of("unplug", gpa, len)?;
-        // Devices stop seeing the range before the host takes it away.
+        // Devices stop seeing the range, and the views that still show it end, before
+        // the host takes it away.
         self.remove_run(gpa, len);
-        if let Err(e) = self.publish() {
+        let unseen = self.publish().and_then(|generation| {
+            self.mem
+                .wait_for_older_snapshots(generation, SNAPSHOT_WAIT)
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = unseen {
             self.insert_run(gpa, len);
+            if let Err(e) = self.publish() {
+                log::error!("virtio-mem: cannot restore the devices' guest memory map: {e}");
+            }
             return Err(backend_error("unplug", gpa, len, e));
         }
         let t = std::time::Instant::now();
@@ -422,7 +440,7 @@ mod tests {
     use super::*;
     use memory_backend::RegionConfig;
     use std::sync::Mutex;
-    use vm_memory::{Bytes, GuestMemoryAtomic, GuestMemoryBackend};
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     const MIB: u64 = 1 << 20;
     const BASE: u64 = 4 << 30;
@@ -456,7 +474,7 @@ mod tests {
     fn setup() -> (HotplugMemory, Arc<FakeSlots>, GuestMemoryHandle) {
         let region = Arc::new(MemoryRegion::new(RegionConfig::new(512 * MIB, 2 * MIB)).unwrap());
         let boot = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let mem = GuestMemoryAtomic::new(boot);
+        let mem = GuestMemoryHandle::new(boot);
         let slots = Arc::new(FakeSlots::default());
         let h =
             HotplugMemory::new(region, BASE, 128 * MIB, 10, slots.clone(), mem.clone()).unwrap();

@@ -1,18 +1,219 @@
-//! Guest RAM: the boot RAM mappings (vm-memory) and their KVM memslots.
+//! Guest RAM: the boot RAM mappings (vm-memory), their KVM memslots, and the guest memory
+//! map devices see ([`GuestMemoryHandle`]).
 //!
 //! Slots 0..n are boot RAM; later slots (the virtio-mem region) are allocated from
 //! [`MemorySlots::next_free`] at run time.
 
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{
-    GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 
 use crate::layout;
 
-/// The guest memory handle devices get: swappable when regions are added at run time.
-pub type GuestMemoryHandle = GuestMemoryAtomic<GuestMemoryMmap>;
+/// The guest memory map devices see, replaced as memory is plugged and unplugged, with a
+/// grace period for the views still in use.
+///
+/// Devices read guest memory through a [`MemorySnapshot`] ([`GuestAddressSpace::memory`]).
+/// A snapshot keeps the map it was taken from, so after [`GuestMemoryHandle::publish`]
+/// a device may still reach host memory the new map left out. Before host memory is taken
+/// away (made `PROT_NONE`, discarded), its owner therefore publishes a map without it and
+/// then waits in [`GuestMemoryHandle::wait_for_older_snapshots`] until no snapshot of an
+/// earlier map is alive: from then on no device can reach it. `vm_memory`'s
+/// `GuestMemoryAtomic` has no such wait, which is why this type exists.
+#[derive(Clone)]
+pub struct GuestMemoryHandle(Arc<Shared>);
+
+struct Shared {
+    state: Mutex<MapState>,
+    /// Signalled whenever the last snapshot of some map is dropped.
+    released: Condvar,
+}
+
+struct MapState {
+    map: Arc<GuestMemoryMmap>,
+    /// Number of the current map; every publish adds one.
+    generation: u64,
+    /// Live snapshots, by the generation of the map they hold.
+    live: BTreeMap<u64, usize>,
+}
+
+impl std::fmt::Debug for GuestMemoryHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("GuestMemoryHandle")
+            .field("generation", &s.generation)
+            .field("live_snapshots", &s.live)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Snapshots of an older map were still alive when the wait ended.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{count} views of guest memory older than map {generation} are still in use after \
+     {waited:?}; the memory stays with the guest (this is a VMM bug: please report it)"
+)]
+pub struct StaleSnapshots {
+    /// How many old snapshots are alive.
+    pub count: usize,
+    /// The generation waited for.
+    pub generation: u64,
+    /// How long the wait lasted.
+    pub waited: Duration,
+}
+
+impl GuestMemoryHandle {
+    /// A handle whose first map is `map`.
+    pub fn new(map: GuestMemoryMmap) -> Self {
+        GuestMemoryHandle(Arc::new(Shared {
+            state: Mutex::new(MapState {
+                map: Arc::new(map),
+                generation: 0,
+                live: BTreeMap::new(),
+            }),
+            released: Condvar::new(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MapState> {
+        // Every update of the state is a single assignment or counter step: a panic
+        // elsewhere cannot leave it half-done.
+        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `map` the map new snapshots see; returns its generation, for
+    /// [`GuestMemoryHandle::wait_for_older_snapshots`].
+    pub fn publish(&self, map: GuestMemoryMmap) -> u64 {
+        let mut s = self.lock();
+        s.map = Arc::new(map);
+        s.generation += 1;
+        s.generation
+    }
+
+    /// Waits until no snapshot of a map older than `generation` is alive, at most
+    /// `timeout`.
+    ///
+    /// The caller must not hold such a snapshot itself (it would wait for itself).
+    ///
+    /// # Errors
+    ///
+    /// [`StaleSnapshots`] when old snapshots are still alive after `timeout`.
+    pub fn wait_for_older_snapshots(
+        &self,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<(), StaleSnapshots> {
+        let start = Instant::now();
+        let mut s = self.lock();
+        loop {
+            let count: usize = s.live.range(..generation).map(|(_, &n)| n).sum();
+            if count == 0 {
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            let Some(left) = timeout.checked_sub(waited).filter(|d| !d.is_zero()) else {
+                return Err(StaleSnapshots {
+                    count,
+                    generation,
+                    waited,
+                });
+            };
+            s = self
+                .0
+                .released
+                .wait_timeout(s, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl GuestAddressSpace for GuestMemoryHandle {
+    type M = GuestMemoryMmap;
+    type T = MemorySnapshot;
+
+    fn memory(&self) -> MemorySnapshot {
+        let mut s = self.lock();
+        let generation = s.generation;
+        *s.live.entry(generation).or_insert(0) += 1;
+        MemorySnapshot {
+            map: Arc::clone(&s.map),
+            generation,
+            owner: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// A consistent view of guest memory. While it is alive, the host memory it maps stays
+/// mapped: see [`GuestMemoryHandle`]. Keep it only for one round of work.
+pub struct MemorySnapshot {
+    map: Arc<GuestMemoryMmap>,
+    generation: u64,
+    owner: Arc<Shared>,
+}
+
+impl MemorySnapshot {
+    fn state(&self) -> MutexGuard<'_, MapState> {
+        self.owner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for MemorySnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemorySnapshot")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for MemorySnapshot {
+    fn clone(&self) -> Self {
+        *self.state().live.entry(self.generation).or_insert(0) += 1;
+        MemorySnapshot {
+            map: Arc::clone(&self.map),
+            generation: self.generation,
+            owner: Arc::clone(&self.owner),
+        }
+    }
+}
+
+impl Drop for MemorySnapshot {
+    fn drop(&mut self) {
+        let mut s = self.state();
+        let emptied = match s.live.get_mut(&self.generation) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                s.live.remove(&self.generation);
+                true
+            }
+        };
+        drop(s);
+        if emptied {
+            self.owner.released.notify_all();
+        }
+    }
+}
+
+impl Deref for MemorySnapshot {
+    type Target = GuestMemoryMmap;
+
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.map
+    }
+}
 
 /// Errors while setting up guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +298,7 @@ pub fn register_memslots(
             userspace_addr: region.as_ptr() as u64,
         };
         // SAFETY: the host range [as_ptr, as_ptr + size) is a live mapping owned by `mem`,
-        // which the VMM keeps alive (in the GuestMemoryAtomic shared with devices) for as
+        // which the VMM keeps alive (every map the GuestMemoryHandle publishes shares it) for as
         // long as the VM exists, and no other slot maps the same guest range.
         unsafe { vm.set_user_memory_region(region_desc) }.map_err(|source| {
             MemoryError::Memslot {
@@ -121,6 +322,47 @@ mod tests {
         let m = create_guest_memory(64 << 20).unwrap();
         assert_eq!(m.num_regions(), 1);
         assert_eq!(m.last_addr(), GuestAddress((64 << 20) - 1));
+    }
+
+    fn tiny() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap()
+    }
+
+    #[test]
+    fn the_wait_ends_when_the_last_older_snapshot_is_dropped() {
+        let h = GuestMemoryHandle::new(tiny());
+        let old = h.memory();
+        let old_copy = old.clone();
+        let generation = h.publish(tiny());
+        let new = h.memory();
+        let short = Duration::from_millis(20);
+        let e = h.wait_for_older_snapshots(generation, short).unwrap_err();
+        assert_eq!((e.count, e.generation), (2, generation));
+        drop(old);
+        assert!(h.wait_for_older_snapshots(generation, short).is_err());
+        let waiter = {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                h.wait_for_older_snapshots(generation, Duration::from_secs(10))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        drop(old_copy);
+        waiter.join().unwrap().unwrap();
+        // Snapshots of the new map never hold the wait up.
+        h.wait_for_older_snapshots(generation, Duration::ZERO)
+            .unwrap();
+        drop(new);
+        assert!(h.lock().live.is_empty());
+    }
+
+    #[test]
+    fn snapshots_keep_the_map_they_were_taken_from() {
+        let h = GuestMemoryHandle::new(tiny());
+        let old = h.memory();
+        h.publish(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap());
+        assert_eq!(old.last_addr(), GuestAddress(0xfff));
+        assert_eq!(h.memory().last_addr(), GuestAddress(0x1fff));
     }
 
     #[test]

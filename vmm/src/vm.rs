@@ -12,7 +12,7 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use log::{debug, info, warn};
 use virtio_mmio::{MmioInterrupt, MmioTransport, VirtioDevice};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -231,7 +231,7 @@ impl Vm {
         let mem = memory::create_guest_memory(mem_size)?;
         let mut slots = MemorySlots::default();
         memory::register_memslots(&vm, &mem, &mut slots)?;
-        let mem_handle = GuestMemoryAtomic::new(mem.clone());
+        let mem_handle = GuestMemoryHandle::new(mem.clone());
 
         let (exit, exit_watch) = exit_channel().map_err(io_err("exit eventfd"))?;
         let mut event_manager = EventManager::<Subscriber>::new().map_err(VmError::EventLoop)?;

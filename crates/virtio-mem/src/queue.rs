@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use log::{error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::backend::{BlockBackend, Interrupt};
 use crate::device::{DeviceConfig, MemState, ResizeOutcome, VirtioMemError};
@@ -175,6 +175,7 @@ pub struct VirtioMem<B, I> {
     queue: Option<Queue>,
     interrupt: I,
     malformed_log: RateLimit,
+    queue_error_log: RateLimit,
 }
 
 impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
@@ -189,6 +190,7 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
             queue: None,
             interrupt,
             malformed_log: RateLimit::new(Duration::from_secs(5), 10),
+            queue_error_log: RateLimit::new(Duration::from_secs(5), 10),
         })
     }
 
@@ -271,21 +273,29 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
         self.state.system_reset()
     }
 
-    /// Handles every available request, then signals the driver if it wants to be told.
-    /// Returns what happened to each chain, in order.
+    /// Handles available requests (at most one ring's worth), then signals the driver if
+    /// it wants to be told. Returns what happened to each chain, in order.
+    ///
+    /// Guest memory is viewed afresh for each step: a chain is parsed and its request read
+    /// through one view, which is dropped before the request acts on the backend; the
+    /// response and the used element are written through a view taken after it. A request
+    /// that unplugs memory therefore never has its answer, or a later chain, handled
+    /// through a view that still maps the unplugged blocks, and a backend that waits for
+    /// old views to end before it takes memory away never waits for this device.
     ///
     /// # Errors
     ///
     /// [`VirtioMemError::NotActivated`] when there is no queue. Queue-level failures
-    /// (a corrupt available ring) are logged and counted, and stop this round.
-    pub fn process_queue<M: GuestMemory>(
+    /// (a corrupt ring, a ring outside guest memory) are logged rate-limited and counted,
+    /// and stop this round.
+    pub fn process_queue<A: GuestAddressSpace>(
         &mut self,
-        mem: &M,
+        space: A,
     ) -> Result<Vec<Completion>, VirtioMemError> {
         let mut queue = self.queue.take().ok_or(VirtioMemError::NotActivated)?;
-        let completions = self.drain(&mut queue, mem);
+        let completions = self.drain(&mut queue, &space);
         if !completions.is_empty() {
-            match queue.needs_notification(mem) {
+            match queue.needs_notification(&*space.memory()) {
                 Ok(true) => {
                     if let Err(e) = self.interrupt.signal_used_queue() {
                         self.state.metrics_mut().queue_errors += 1;
@@ -293,30 +303,51 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
                     }
                 }
                 Ok(false) => {}
-                Err(e) => {
-                    self.state.metrics_mut().queue_errors += 1;
-                    error!("virtio-mem: cannot read the used event index: {e}");
-                }
+                Err(e) => self.queue_error(format_args!("cannot read the used event index: {e}")),
             }
         }
         self.queue = Some(queue);
         Ok(completions)
     }
 
-    fn drain<M: GuestMemory>(&mut self, queue: &mut Queue, mem: &M) -> Vec<Completion> {
+    /// Counts a queue-level failure and logs it, rate-limited: a guest can cause one per
+    /// notification.
+    fn queue_error(&mut self, what: std::fmt::Arguments<'_>) {
+        self.state.metrics_mut().queue_errors += 1;
+        if let Some(dropped) = self.queue_error_log.allow() {
+            error!("virtio-mem: {what} ({dropped} similar messages suppressed)");
+        }
+    }
+
+    fn drain<A: GuestAddressSpace>(&mut self, queue: &mut Queue, space: &A) -> Vec<Completion> {
         let mut completions = Vec::new();
         // One round handles at most one ring's worth: a driver that refills as fast as we
         // consume cannot keep this thread here forever; it gets the next round.
         let budget = usize::from(queue.size().max(1));
         while completions.len() < budget {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
+            let (head, request, writable) = {
+                let mem = space.memory();
+                let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let (request, writable) = self.read_chain(&*mem, chain);
+                (head, request, writable)
             };
-            let head = chain.head_index();
-            let completion = self.handle_chain(mem, chain);
-            if let Err(e) = queue.add_used(mem, head, completion.used_len) {
-                self.state.metrics_mut().queue_errors += 1;
-                error!("virtio-mem: cannot add used element for chain {head}: {e}");
+            // No view of guest memory is held while the request acts.
+            let response = self.act(head, request);
+            let mem = space.memory();
+            let written = write_response(&*mem, response, &writable);
+            let completion = Completion {
+                head,
+                request,
+                response: written.then_some(response),
+                used_len: if written { RESPONSE_LEN } else { 0 },
+            };
+            if let Err(e) = queue.add_used(&*mem, head, completion.used_len) {
+                self.queue_error(format_args!(
+                    "cannot add used element for chain {head}: {e}"
+                ));
                 break;
             }
             completions.push(completion);
@@ -324,8 +355,13 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
         completions
     }
 
-    fn handle_chain<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> Completion {
-        let head = chain.head_index();
+    /// Parses a chain and reads its request; returns the request (or why the chain is
+    /// malformed) and the buffers for the response.
+    fn read_chain<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+    ) -> (Result<Request, MalformedChain>, Vec<(GuestAddress, u32)>) {
         let parsed = parse_chain(mem, chain);
         let mut raw = RawRequest::default();
         let request = match parsed.error {
@@ -335,7 +371,12 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
             }
             None => Ok(Request::from(raw)),
         };
-        let response = match request {
+        (request, parsed.writable)
+    }
+
+    /// Acts on the request (or counts the malformed chain); returns the answer.
+    fn act(&mut self, head: u16, request: Result<Request, MalformedChain>) -> Response {
+        match request {
             Ok(req) => self.state.handle(req),
             Err(why) => {
                 self.state.metrics_mut().malformed_chains += 1;
@@ -347,20 +388,18 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
                 }
                 Response::Error
             }
-        };
-        let bytes = RawResponse::from(response);
-        let written = parsed
-            .writable
-            .iter()
-            .map(|&(_, l)| u64::from(l))
-            .sum::<u64>()
-            >= RESPONSE_SIZE as u64
-            && scatter(mem, &parsed.writable, bytes.as_slice());
-        Completion {
-            head,
-            request,
-            response: written.then_some(response),
-            used_len: if written { RESPONSE_LEN } else { 0 },
         }
     }
+}
+
+/// Writes `response` across the chain's writable buffers; `false` if they are too small or
+/// no longer in guest memory.
+fn write_response<M: GuestMemory>(
+    mem: &M,
+    response: Response,
+    writable: &[(GuestAddress, u32)],
+) -> bool {
+    let bytes = RawResponse::from(response);
+    writable.iter().map(|&(_, l)| u64::from(l)).sum::<u64>() >= RESPONSE_SIZE as u64
+        && scatter(mem, writable, bytes.as_slice())
 }

@@ -67,15 +67,23 @@ impl VirtioRng {
         self.served
     }
 
-    /// Serves every available buffer; interrupts the driver if it wants it.
+    /// Serves the available buffers (at most one ring's worth: a driver refilling meanwhile
+    /// notifies again); interrupts the driver if it wants it.
     pub fn process_queue(&mut self) {
         let Some(a) = self.active.as_mut() else {
             return;
         };
+        // The view of guest memory lives for this round only, and a round is bounded (one
+        // ring's worth of buffers, each capped): an unplug waits for it to end.
         let mem = a.mem.memory();
         let mut buf = Vec::new();
         let mut used_any = false;
-        while let Some(chain) = a.queue.pop_descriptor_chain(&*mem) {
+        let mut budget = a.queue.size();
+        while budget > 0 {
+            budget -= 1;
+            let Some(chain) = a.queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
             let head = chain.head_index();
             let mut len: u32 = 0;
             for desc in chain {
@@ -197,7 +205,7 @@ mod tests {
     use virtio_mmio::MmioInterrupt;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Address, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
@@ -215,7 +223,7 @@ mod tests {
         let irq = Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let mut rng = VirtioRng::new().unwrap();
         rng.activate(Activation {
-            mem: GuestMemoryAtomic::new(gm.clone()),
+            mem: GuestMemoryHandle::new(gm.clone()),
             queues: vec![virtio_mmio::ActiveQueue {
                 index: 0,
                 queue,
@@ -239,7 +247,7 @@ mod tests {
         let mut rng = VirtioRng::new().unwrap();
         let e = rng
             .activate(Activation {
-                mem: GuestMemoryAtomic::new(gm),
+                mem: GuestMemoryHandle::new(gm),
                 queues: vec![],
                 interrupt: Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
                 features: 0,

@@ -13,7 +13,6 @@ use std::thread::JoinHandle;
 use log::{error, info, warn};
 use virtio_mem::{VirtioMem, VirtioMemError};
 use virtio_mmio::{ActivateError, Activation, InterruptKind, VirtioDevice, VirtioInterrupt};
-use vm_memory::GuestAddressSpace;
 use vmm_api::{MemoryControl, MemoryStatus, ResizeError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -177,9 +176,10 @@ fn serve(core: SharedMem, mem: GuestMemoryHandle, notify: EventFd, stop: EventFd
             Wake::Notify => {
                 // Non-blocking: a spurious wake-up just finds the queue empty.
                 let _ = notify.read();
-                let guard = mem.memory();
                 let mut dev = lock(&core);
-                if let Err(e) = dev.process_queue(&*guard) {
+                // The device takes its own short views of guest memory: one held here
+                // across the round would make every unplug in it wait for this thread.
+                if let Err(e) = dev.process_queue(mem.clone()) {
                     warn!("virtio-mem: {e}");
                 }
                 idle_slots = dev.state().backend().has_idle_slots();

@@ -1,0 +1,467 @@
+//! A hostile guest against the real request path: the virtio-mem device model over the
+//! VMM's [`HotplugMemory`] and a real `memory-backend` region (unplugged blocks are
+//! `PROT_NONE` in this process), with the rings and buffers wherever the guest puts them.
+//!
+//! Each test ends with this process alive (a write through a stale view of guest memory
+//! is a SIGSEGV that kills the whole test binary), the request answered as the device's
+//! rules say, and no host memory committed outside plugged blocks.
+
+#![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use memory_backend::{MemoryRegion, RegionConfig};
+use virtio_mem::wire::{RawRequest, RawResponse, Request, Response};
+use virtio_mem::{DeviceConfig, VirtioMem};
+use virtio_mmio::{Activation, ActiveQueue, MmioInterrupt, VirtioDevice};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
+use vmm::devices::rng::VirtioRng;
+use vmm::hotplug::{HotplugMemory, Memslots};
+use vmm::memory::GuestMemoryHandle;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 2 * MIB;
+const BOOT_RAM: usize = 16 << 20;
+const BASE: u64 = 4 << 30;
+const REGION: u64 = 64 * MIB;
+const QSIZE: u16 = 16;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// KVM slots that only record (no KVM here).
+#[derive(Default)]
+struct Slots(Mutex<BTreeMap<u32, u64>>);
+
+impl Memslots for Slots {
+    fn add(&self, slot: u32, gpa: u64, _size: u64, _host: u64) -> Result<(), String> {
+        self.0.lock().unwrap().insert(slot, gpa);
+        Ok(())
+    }
+    fn remove(&self, slot: u32, _gpa: u64) -> Result<(), String> {
+        self.0.lock().unwrap().remove(&slot);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Irq(AtomicU64);
+
+impl virtio_mem::Interrupt for Irq {
+    fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn signal_config_change(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+type Dev = VirtioMem<HotplugMemory, Arc<Irq>>;
+
+/// Where a driver put its split virtqueue.
+#[derive(Clone, Copy)]
+struct Rings {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// In boot RAM, as Linux lays them out.
+const BOOT_RINGS: Rings = Rings {
+    desc: 0x10_0000,
+    avail: 0x10_1000,
+    used: 0x10_2000,
+};
+/// Request and response buffers in boot RAM.
+const REQ: u64 = 0x20_0000;
+const RESP: u64 = 0x20_1000;
+
+/// The driver's side of one queue, written through the devices' guest memory handle.
+struct Driver {
+    mem: GuestMemoryHandle,
+    rings: Rings,
+    avail_idx: u16,
+    used_seen: u16,
+    next_desc: u16,
+}
+
+impl Driver {
+    fn new(mem: &GuestMemoryHandle, rings: Rings) -> Self {
+        let m = mem.memory();
+        m.write_obj(0u16, GuestAddress(rings.avail)).unwrap();
+        m.write_obj(0u16, GuestAddress(rings.avail + 2)).unwrap();
+        m.write_obj(0u16, GuestAddress(rings.used + 2)).unwrap();
+        Driver {
+            mem: mem.clone(),
+            rings,
+            avail_idx: 0,
+            used_seen: 0,
+            next_desc: 0,
+        }
+    }
+
+    fn queue(&self) -> Queue {
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.try_set_desc_table_address(GuestAddress(self.rings.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.rings.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.rings.used))
+            .unwrap();
+        q.set_ready(true);
+        q
+    }
+
+    /// Writes a chain of `(addr, len, flags)` buffers and makes it available; its head.
+    fn add_chain(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
+        let m = self.mem.memory();
+        let head = self.next_desc;
+        let n = u16::try_from(bufs.len()).unwrap();
+        for (i, &(addr, len, flags)) in (0u16..).zip(bufs) {
+            let idx = (head + i) % QSIZE;
+            let last = i + 1 == n;
+            let flags = if last { flags } else { flags | F_NEXT };
+            let next = if last { 0 } else { (idx + 1) % QSIZE };
+            let d = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+            m.write_obj(d, GuestAddress(self.rings.desc + u64::from(idx) * 16))
+                .unwrap();
+        }
+        self.next_desc = (head + n) % QSIZE;
+        let slot = u64::from(self.avail_idx % QSIZE);
+        m.write_obj(head, GuestAddress(self.rings.avail + 4 + slot * 2))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        m.write_obj(self.avail_idx, GuestAddress(self.rings.avail + 2))
+            .unwrap();
+        head
+    }
+
+    /// A request at `req` with its response buffer at `resp`.
+    fn submit_at(&mut self, req: Request, req_addr: u64, resp: u64) -> u16 {
+        let raw: RawRequest = req.into();
+        self.mem
+            .memory()
+            .write_obj(raw, GuestAddress(req_addr))
+            .unwrap();
+        self.add_chain(&[(req_addr, 24, 0), (resp, 10, F_WRITE)])
+    }
+
+    fn submit(&mut self, req: Request) -> u16 {
+        self.submit_at(req, REQ, RESP)
+    }
+
+    fn used(&mut self) -> Vec<(u32, u32)> {
+        let m = self.mem.memory();
+        let idx: u16 = m.read_obj(GuestAddress(self.rings.used + 2)).unwrap();
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let base = self.rings.used + 4 + u64::from(self.used_seen % QSIZE) * 8;
+            out.push((
+                m.read_obj(GuestAddress(base)).unwrap(),
+                m.read_obj(GuestAddress(base + 4)).unwrap(),
+            ));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    fn response(&self, at: u64) -> Response {
+        let raw: RawResponse = self.mem.memory().read_obj(GuestAddress(at)).unwrap();
+        raw.decode(false).unwrap()
+    }
+}
+
+struct Vm {
+    dev: Dev,
+    mem: GuestMemoryHandle,
+    region: Arc<MemoryRegion>,
+}
+
+impl Vm {
+    fn new() -> Self {
+        let boot = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), BOOT_RAM)]).unwrap();
+        let mem = GuestMemoryHandle::new(boot);
+        let region = Arc::new(MemoryRegion::new(RegionConfig::new(REGION, BLOCK)).unwrap());
+        let hotplug = HotplugMemory::new(
+            Arc::clone(&region),
+            BASE,
+            32 * MIB,
+            1,
+            Arc::new(Slots::default()),
+            mem.clone(),
+        )
+        .unwrap();
+        let mut dev = VirtioMem::new(
+            DeviceConfig::new(BASE, REGION, BLOCK),
+            hotplug,
+            Arc::new(Irq::default()),
+        )
+        .unwrap();
+        let features = dev.state().device_features();
+        dev.state_mut().ack_features(features).unwrap();
+        dev.set_requested_size(REGION).unwrap();
+        Vm { dev, mem, region }
+    }
+
+    fn activate(&mut self, driver: &Driver) {
+        self.dev.reset();
+        let features = self.dev.state().device_features();
+        self.dev.state_mut().ack_features(features).unwrap();
+        self.dev.activate(driver.queue());
+    }
+
+    fn process(&mut self) -> Vec<virtio_mem::queue::Completion> {
+        self.dev.process_queue(self.mem.clone()).unwrap()
+    }
+
+    /// Plugs `blocks` blocks at the region's start through a queue in boot RAM.
+    fn plug_first(&mut self, driver: &mut Driver, blocks: u16) {
+        driver.submit(Request::Plug {
+            addr: BASE,
+            nb_blocks: blocks,
+        });
+        self.process();
+        assert_eq!(driver.response(RESP), Response::Ack(None));
+        assert_eq!(self.dev.state().plugged_size(), u64::from(blocks) * BLOCK);
+    }
+
+    /// Host memory committed in the region: never more than what is plugged.
+    fn assert_no_host_memory_outside_plugged(&self) {
+        let committed = self.region.usage().unwrap().committed();
+        let plugged = self.dev.state().plugged_size();
+        assert!(
+            committed <= plugged,
+            "{committed:#x} bytes committed with {plugged:#x} plugged"
+        );
+    }
+}
+
+#[test]
+fn response_buffer_inside_the_block_being_unplugged() {
+    let mut vm = Vm::new();
+    let mut driver = Driver::new(&vm.mem, BOOT_RINGS);
+    vm.activate(&driver);
+    vm.plug_first(&mut driver, 1);
+    driver.used();
+    // The response of the UNPLUG lies in the block it unplugs.
+    let head = driver.submit_at(
+        Request::Unplug {
+            addr: BASE,
+            nb_blocks: 1,
+        },
+        REQ,
+        BASE + 0x100,
+    );
+    let done = vm.process();
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        driver.used(),
+        vec![(u32::from(head), 0)],
+        "the response cannot be written once the block is gone: used length 0"
+    );
+    assert_eq!(
+        vm.dev.state().plugged_size(),
+        0,
+        "the unplug itself happened"
+    );
+    assert!(vm.mem.memory().read_obj::<u8>(GuestAddress(BASE)).is_err());
+    vm.assert_no_host_memory_outside_plugged();
+}
+
+#[test]
+fn rings_in_plugged_memory_then_unplug_all() {
+    let mut vm = Vm::new();
+    let mut boot_driver = Driver::new(&vm.mem, BOOT_RINGS);
+    vm.activate(&boot_driver);
+    vm.plug_first(&mut boot_driver, 2);
+    // The driver re-initialises the device with its descriptor table and used ring in
+    // plugged memory (the available ring stays in boot RAM).
+    let rings = Rings {
+        desc: BASE,
+        avail: BOOT_RINGS.avail + 0x800,
+        used: BASE + BLOCK + 0x1000,
+    };
+    let mut driver = Driver::new(&vm.mem, rings);
+    vm.activate(&driver);
+    driver.submit(Request::State {
+        addr: BASE,
+        nb_blocks: 2,
+    });
+    assert_eq!(vm.process().len(), 1, "the queue works from plugged memory");
+    assert_eq!(driver.used().len(), 1);
+    vm.dev.set_requested_size(0).unwrap();
+    driver.submit(Request::UnplugAll);
+    // The used ring vanished with the unplug: the element cannot be added, the round ends.
+    let errors_before = vm.dev.state().metrics().queue_errors;
+    vm.process();
+    assert_eq!(vm.dev.state().plugged_size(), 0);
+    assert_eq!(driver.response(RESP), Response::Ack(None));
+    assert_eq!(vm.dev.state().metrics().queue_errors, errors_before + 1);
+    // The guest notifies again: the rings are gone, nothing to do, nothing crashes.
+    driver.avail_idx = driver.avail_idx.wrapping_add(1);
+    vm.mem
+        .memory()
+        .write_obj(driver.avail_idx, GuestAddress(rings.avail + 2))
+        .unwrap();
+    vm.process();
+    assert_eq!(vm.dev.state().plugged_size(), 0);
+    vm.assert_no_host_memory_outside_plugged();
+}
+
+#[test]
+fn an_early_unplug_removes_the_memory_of_a_later_chain() {
+    let mut vm = Vm::new();
+    let mut driver = Driver::new(&vm.mem, BOOT_RINGS);
+    vm.activate(&driver);
+    vm.plug_first(&mut driver, 2);
+    driver.used();
+    // Chain 1 unplugs block 0; chain 2's request bytes lie in block 0; chain 3's
+    // response buffer lies in block 0; chain 4 is an ordinary request after them.
+    let h1 = driver.submit(Request::Unplug {
+        addr: BASE,
+        nb_blocks: 1,
+    });
+    let h2 = driver.submit_at(
+        Request::Unplug {
+            addr: BASE + BLOCK,
+            nb_blocks: 1,
+        },
+        BASE + 0x40,
+        RESP + 0x100,
+    );
+    let h3 = driver.submit_at(
+        Request::State {
+            addr: BASE,
+            nb_blocks: 2,
+        },
+        REQ + 0x100,
+        BASE + 0x200,
+    );
+    let h4 = driver.submit_at(
+        Request::State {
+            addr: BASE,
+            nb_blocks: 2,
+        },
+        REQ + 0x200,
+        RESP + 0x200,
+    );
+    let done = vm.process();
+    assert_eq!(done.len(), 4);
+    assert_eq!(
+        driver.used(),
+        vec![
+            (u32::from(h1), 10),
+            (u32::from(h2), 10),
+            (u32::from(h3), 0),
+            (u32::from(h4), 10)
+        ]
+    );
+    assert_eq!(driver.response(RESP), Response::Ack(None));
+    assert_eq!(
+        driver.response(RESP + 0x100),
+        Response::Error,
+        "a request read from unplugged memory is malformed"
+    );
+    let state: RawResponse = vm
+        .mem
+        .memory()
+        .read_obj(GuestAddress(RESP + 0x200))
+        .unwrap();
+    assert_eq!(
+        state.decode(true),
+        Some(Response::Ack(Some(virtio_mem::wire::BlockState::Mixed)))
+    );
+    assert_eq!(
+        vm.dev.state().plugged_size(),
+        BLOCK,
+        "block 1 stays plugged"
+    );
+    vm.assert_no_host_memory_outside_plugged();
+}
+
+/// The entropy device fills buffers in plugged memory on its own thread while
+/// virtio-mem unplugs and replugs that memory under it.
+#[test]
+fn entropy_device_writes_while_virtio_mem_unplugs() {
+    let mut vm = Vm::new();
+    let mut mem_driver = Driver::new(&vm.mem, BOOT_RINGS);
+    vm.activate(&mem_driver);
+    vm.plug_first(&mut mem_driver, 1);
+    mem_driver.used();
+
+    let rng_rings = Rings {
+        desc: 0x30_0000,
+        avail: 0x30_1000,
+        used: 0x30_2000,
+    };
+    let mut rng_driver = Driver::new(&vm.mem, rng_rings);
+    let mut rng = VirtioRng::new().unwrap();
+    rng.activate(Activation {
+        mem: vm.mem.clone(),
+        queues: vec![ActiveQueue {
+            index: 0,
+            queue: rng_driver.queue(),
+            notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }],
+        interrupt: Arc::new(MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        features: 0,
+    })
+    .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let filler = {
+        let stop = Arc::clone(&stop);
+        let rounds = Arc::clone(&rounds);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                // Eight 64 KiB buffers spread over the block, then serve them.
+                for i in 0..8 {
+                    rng_driver.add_chain(&[(BASE + i * 0x4_0000, 0x1_0000, F_WRITE)]);
+                }
+                rng.process_queue();
+                rng_driver.used();
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+            rng.served_bytes()
+        })
+    };
+    // At least 200 unplug/plug cycles and 100 rounds of the entropy device beside them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut cycles = 0;
+    while (cycles < 200 || rounds.load(Ordering::Relaxed) < 100)
+        && std::time::Instant::now() < deadline
+    {
+        cycles += 1;
+        vm.dev.set_requested_size(0).unwrap();
+        mem_driver.submit(Request::Unplug {
+            addr: BASE,
+            nb_blocks: 1,
+        });
+        vm.process();
+        assert_eq!(mem_driver.response(RESP), Response::Ack(None));
+        vm.dev.set_requested_size(BLOCK).unwrap();
+        mem_driver.submit(Request::Plug {
+            addr: BASE,
+            nb_blocks: 1,
+        });
+        vm.process();
+        assert_eq!(mem_driver.response(RESP), Response::Ack(None));
+        mem_driver.used();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let served = filler.join().unwrap();
+    let rounds = rounds.load(Ordering::Relaxed);
+    assert!(
+        rounds >= 100 && served > 0,
+        "the entropy device ran alongside the unplugs: {rounds} rounds, {served} bytes"
+    );
+    vm.assert_no_host_memory_outside_plugged();
+}
