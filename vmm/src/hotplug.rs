@@ -4,7 +4,8 @@
 //! The region is split into fixed-size slots (at least one guest memory block, so a slot
 //! never splits one). A slot is registered with KVM when it gets its first plugged block
 //! and removed once its last block is unplugged and the guest has gone quiet (see
-//! [`HotplugMemory::release_idle_slots`]), so KVM's bookkeeping follows plugged memory,
+//! [`HotplugMemory::release_idle_slots`]; the quiet period is a timer the hotplug memory
+//! owns, [`HotplugMemory::release_timer`]), so KVM's bookkeeping follows plugged memory,
 //! not the region, and the guest cannot reach a slot with nothing plugged. Within a
 //! registered slot, unplugged blocks are `PROT_NONE` in the host: a guest touching them
 //! gets no host memory (KVM fails the access instead).
@@ -16,12 +17,15 @@
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{debug, info};
 use memory_backend::{MemoryBackendError, MemoryRegion};
 use virtio_mem::{BackendError, BlockBackend};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::memory::GuestMemoryHandle;
 
@@ -78,7 +82,14 @@ pub enum HotplugError {
     /// The slot size is not a multiple of the block size, or the region holds too many slots.
     #[error("invalid hotplug slot layout: {0}")]
     Layout(String),
+    /// The host gave no timer for the slot release (out of file descriptors?).
+    #[error("cannot create the KVM slot release timer: {0} (check the open file limit)")]
+    Timer(std::io::Error),
 }
+
+/// How long the guest must change no plugged memory before idle KVM slots are removed
+/// ([`HotplugMemory::release_idle_slots`] says why this waits).
+pub const SLOT_RELEASE_QUIET: Duration = Duration::from_secs(2);
 
 /// Longest wait in an unplug for devices to drop their views of guest memory. Devices hold
 /// one for a round of bounded work (milliseconds); past this the unplug fails (the guest
@@ -101,6 +112,8 @@ pub struct HotplugMemory {
     boot: GuestMemoryMmap,
     /// Plugged runs: guest start -> length, merged when adjacent.
     plugged: BTreeMap<u64, u64>,
+    /// Expires [`SLOT_RELEASE_QUIET`] after the last plug or unplug that left idle slots.
+    release_timer: TimerFd,
 }
 
 impl std::fmt::Debug for HotplugMemory {
@@ -131,7 +144,7 @@ impl HotplugMemory {
     /// # Errors
     ///
     /// [`HotplugError::Layout`] when `slot_size` is not a multiple of the region's block
-    /// size or the slot numbers would overflow.
+    /// size or the slot numbers would overflow; [`HotplugError::Timer`] without a timer.
     pub fn new(
         region: Arc<MemoryRegion>,
         region_addr: u64,
@@ -163,7 +176,38 @@ impl HotplugMemory {
             mem,
             boot,
             plugged: BTreeMap::new(),
+            release_timer: TimerFd::new().map_err(|e| HotplugError::Timer(e.into()))?,
         })
+    }
+
+    /// Readable once idle KVM slots are due for release: the owner of the request thread
+    /// polls it and then calls [`HotplugMemory::on_release_timer`]. The descriptor is
+    /// open as long as this `HotplugMemory` lives.
+    pub fn release_timer(&self) -> RawFd {
+        self.release_timer.as_raw_fd()
+    }
+
+    /// Handles an expired [`HotplugMemory::release_timer`]: disarms it (which also makes
+    /// it unreadable) and removes the idle slots; returns how many.
+    pub fn on_release_timer(&mut self) -> usize {
+        if let Err(e) = self.release_timer.clear() {
+            log::error!("virtio-mem: cannot disarm the KVM slot release timer: {e}");
+        }
+        self.release_idle_slots()
+    }
+
+    /// Starts the quiet period again after a plug or unplug: armed while idle slots are
+    /// left, disarmed otherwise.
+    fn restart_release_timer(&mut self) {
+        let result = if self.has_idle_slots() {
+            self.release_timer.reset(SLOT_RELEASE_QUIET, None)
+        } else {
+            self.release_timer.clear()
+        };
+        if let Err(e) = result {
+            // Slots then stay registered over inaccessible memory until the next change.
+            log::error!("virtio-mem: cannot set the KVM slot release timer: {e}");
+        }
     }
 
     /// The memory-backend region.
@@ -376,6 +420,7 @@ impl BlockBackend for HotplugMemory {
             // The guest can use the memory through KVM; only devices cannot see it.
             log::error!("virtio-mem: cannot update the devices' guest memory map: {e}");
         }
+        self.restart_release_timer();
         Ok(())
     }
 
@@ -407,6 +452,7 @@ impl BlockBackend for HotplugMemory {
         for (idx, _, chunk) in self.slot_overlaps(offset, len) {
             self.slot_plugged[idx] = self.slot_plugged[idx].saturating_sub(chunk);
         }
+        self.restart_release_timer();
         debug!(
             "virtio-mem: unplugged {len:#x} at {gpa:#x}, host memory released in {:?}",
             t.elapsed()
@@ -499,6 +545,23 @@ mod tests {
         assert!(slots.live.lock().unwrap().is_empty());
         assert!(!h.has_idle_slots());
         assert_eq!(h.release_idle_slots(), 0);
+    }
+
+    #[test]
+    fn the_release_timer_runs_while_idle_slots_are_left() {
+        let (mut h, slots, _) = setup();
+        h.plug(BASE, 2 * MIB).unwrap();
+        assert!(!h.release_timer.is_armed().unwrap(), "no idle slot yet");
+        h.unplug(BASE, 2 * MIB).unwrap();
+        assert!(h.release_timer.is_armed().unwrap(), "slot 10 is idle");
+        assert_eq!(h.on_release_timer(), 1);
+        assert!(!h.release_timer.is_armed().unwrap());
+        assert!(slots.live.lock().unwrap().is_empty());
+        // A plug that reuses the idle slot stops the quiet period.
+        h.plug(BASE, 2 * MIB).unwrap();
+        h.unplug(BASE, 2 * MIB).unwrap();
+        h.plug(BASE + 2 * MIB, 2 * MIB).unwrap();
+        assert!(!h.release_timer.is_armed().unwrap());
     }
 
     #[test]

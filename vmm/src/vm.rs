@@ -23,7 +23,7 @@ use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, I8042, I8042_BASE, I8042_PORTS};
 use crate::devices::rng::{RngHandler, VirtioRng};
 use crate::devices::serial::{SerialDevice, SerialOut, StdinInput, COM1_BASE, COM_PORTS};
-use crate::devices::virtio_mem::{IrqSlot, MemoryApi, SharedMem, VirtioMemDevice};
+use crate::devices::virtio_mem::{IrqSlot, MemoryApi, SharedHotplug, SharedMem, VirtioMemDevice};
 use crate::diag::{self, DumpRequests, DumpSources, Dumper};
 use crate::exit::{exit_channel, ExitHandle, ExitReason, ExitWatch};
 use crate::hotplug::{HotplugMemory, Memslots};
@@ -401,12 +401,12 @@ impl Vm {
 
     /// Adds the virtio-mem device for `hp` above boot RAM: reserves the host region,
     /// reserves KVM slot numbers for it, and puts the device behind a virtio-mmio window.
-    /// Returns the shared device model (for the API and system reset).
+    /// Returns the memory API's view of it.
     ///
     /// # Errors
     ///
     /// [`VmError::Hotplug`] naming what failed (options, host reservation, device).
-    pub fn add_virtio_mem(&mut self, hp: &HotplugConfig) -> Result<SharedMem, VmError> {
+    pub fn add_virtio_mem(&mut self, hp: &HotplugConfig) -> Result<MemoryApi, VmError> {
         let hotplug = |e: &dyn std::fmt::Display| VmError::Hotplug(e.to_string());
         let addr = hp.validate(self.mem_size).map_err(|e| hotplug(&e))?;
         for w in hp.warnings(self.mem_size) {
@@ -427,7 +427,7 @@ impl Vm {
         crate::hotplug::log_layout(addr, hp.region_size, hp.block_size, slot_size);
         let memslots: Arc<dyn Memslots> = self.vm.clone();
         let backend = HotplugMemory::new(
-            region,
+            Arc::clone(&region),
             addr,
             slot_size,
             first_slot,
@@ -435,15 +435,17 @@ impl Vm {
             self.mem_handle.clone(),
         )
         .map_err(|e| hotplug(&e))?;
+        let backend: SharedHotplug = Arc::new(Mutex::new(backend));
         let mut dcfg = virtio_mem::DeviceConfig::new(addr, hp.region_size, hp.block_size);
         dcfg.requested_size = hp.requested_size;
         let irq = Arc::new(IrqSlot::default());
         let core: SharedMem = Arc::new(Mutex::new(
-            virtio_mem::VirtioMem::new(dcfg, backend, irq.clone()).map_err(|e| hotplug(&e))?,
+            virtio_mem::VirtioMem::new(dcfg, Arc::clone(&backend), irq.clone())
+                .map_err(|e| hotplug(&e))?,
         ));
-        let dev = Arc::new(Mutex::new(VirtioMemDevice::new(core.clone(), irq)));
+        let dev = Arc::new(Mutex::new(VirtioMemDevice::new(core.clone(), backend, irq)));
         self.add_virtio_device(dev)?;
-        Ok(core)
+        Ok(MemoryApi::new(core, region))
     }
 
     /// Adds the virtio entropy device and its queue handler.
@@ -581,14 +583,14 @@ pub fn run_outcome(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     if cfg.rng {
         vm.add_rng()?;
     }
-    let core = cfg
+    let memory = cfg
         .hotplug
         .as_ref()
-        .map(|hp| vm.add_virtio_mem(hp))
+        .map(|hp| vm.add_virtio_mem(hp).map(Arc::new))
         .transpose()?;
-    let _api = match (&cfg.api_socket, &core) {
-        (Some(path), Some(core)) => Some(
-            ApiServer::start(path, Arc::new(MemoryApi::new(core.clone())))
+    let _api = match (&cfg.api_socket, &memory) {
+        (Some(path), Some(memory)) => Some(
+            ApiServer::start(path, Arc::clone(memory) as Arc<dyn vmm_api::MemoryControl>)
                 .map_err(|e| VmError::Hotplug(e.to_string()))?,
         ),
         (Some(_), None) => {
@@ -601,12 +603,7 @@ pub fn run_outcome(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
     vm.forward_stdin();
     vm.boot_linux(cfg)?;
     let reason = vm.run()?;
-    let requested_size = core.map(|c| {
-        c.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .state()
-            .requested_size()
-    });
+    let requested_size = memory.map(|m| m.requested_size());
     Ok(RunOutcome {
         reason,
         requested_size,

@@ -51,6 +51,33 @@ pub trait BlockBackend {
     fn unplug(&mut self, addr: u64, len: u64) -> Result<(), BackendError>;
 }
 
+/// A backend shared with others that do host work without holding the device (see
+/// [`crate::HostWork`]): each call takes the lock. A backend that panicked while locked may
+/// be half-updated, so it is not used again: every later call fails.
+impl<B: BlockBackend> BlockBackend for std::sync::Arc<std::sync::Mutex<B>> {
+    fn plug(&mut self, addr: u64, len: u64) -> Result<(), BackendError> {
+        locked(self, "plug", addr, len)?.plug(addr, len)
+    }
+
+    fn unplug(&mut self, addr: u64, len: u64) -> Result<(), BackendError> {
+        locked(self, "unplug", addr, len)?.unplug(addr, len)
+    }
+}
+
+fn locked<'a, B>(
+    backend: &'a std::sync::Mutex<B>,
+    op: &'static str,
+    addr: u64,
+    len: u64,
+) -> Result<std::sync::MutexGuard<'a, B>, BackendError> {
+    backend.lock().map_err(|_| BackendError {
+        op,
+        addr,
+        len,
+        reason: "the memory backend failed earlier (a VMM bug, see the log); restart the VM".into(),
+    })
+}
+
 impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     fn plug(&mut self, addr: u64, len: u64) -> Result<(), BackendError> {
         (**self).plug(addr, len)

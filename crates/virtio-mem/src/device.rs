@@ -3,7 +3,10 @@
 //! Requests are handled in layers, as the style guide asks: validate (alignment, non-zero,
 //! checked range inside the usable region, current block state) -> act (the backend does
 //! the host work, which may fail) -> commit (bitmap and `plugged_size`) -> respond. Nothing
-//! is committed before the host work succeeded, so a failed request changes nothing.
+//! is committed before the host work succeeded, so a failed request changes nothing. The
+//! act step needs nothing of the device ([`MemState::prepare`], [`HostWork::run`],
+//! [`MemState::commit`]), so a VMM can do it without holding the device: reads of the
+//! configuration and resizes are then never held up by populate or memslot work.
 //!
 //! Response choice follows the spec and `virtio-mem-notes.md` ("Device rules"): ERROR only
 //! for requests that are invalid by the spec, NACK only for a PLUG beyond
@@ -203,6 +206,79 @@ pub struct MemState<B> {
     acked_features: u64,
     config_generation: u32,
     metrics: Metrics,
+    /// A [`HostWork`] was prepared and is not committed yet.
+    work_in_flight: bool,
+}
+
+/// The result of [`MemState::prepare`].
+#[derive(Debug)]
+pub enum Prepared {
+    /// Answered without host work.
+    Answered(Response),
+    /// Host work to run, then commit.
+    Work(HostWork),
+}
+
+/// A block range with its guest-physical span.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Run {
+    blocks: Range<u64>,
+    gpa: u64,
+    len: u64,
+}
+
+/// The host work of one request (plug or unplug of one or more runs of blocks), decided by
+/// [`MemState::prepare`], done by [`HostWork::run`] without the device, committed by
+/// [`MemState::commit`].
+#[derive(Debug)]
+#[must_use = "prepared host work must be committed, or the device answers BUSY forever"]
+pub struct HostWork {
+    request: Request,
+    unplug: bool,
+    runs: Vec<Run>,
+    /// How many runs (a prefix) the backend completed.
+    done: usize,
+    /// What stopped the rest.
+    error: Option<BackendError>,
+}
+
+impl HostWork {
+    fn new(request: Request, unplug: bool, runs: Vec<Run>) -> Self {
+        HostWork {
+            request,
+            unplug,
+            runs,
+            done: 0,
+            error: None,
+        }
+    }
+
+    /// The request this work answers.
+    pub fn request(&self) -> Request {
+        self.request
+    }
+
+    /// Bytes of guest memory this work plugs or unplugs.
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.len).sum()
+    }
+
+    /// Plugs or unplugs the runs on `backend`, in order, stopping at the first failure.
+    /// Runs once; a second call does nothing.
+    pub fn run<B: BlockBackend>(&mut self, backend: &mut B) {
+        while self.error.is_none() && self.done < self.runs.len() {
+            let run = &self.runs[self.done];
+            let result = if self.unplug {
+                backend.unplug(run.gpa, run.len)
+            } else {
+                backend.plug(run.gpa, run.len)
+            };
+            match result {
+                Ok(()) => self.done += 1,
+                Err(e) => self.error = Some(e),
+            }
+        }
+    }
 }
 
 impl<B: BlockBackend> MemState<B> {
@@ -222,6 +298,7 @@ impl<B: BlockBackend> MemState<B> {
             acked_features: 0,
             config_generation: 0,
             metrics: Metrics::default(),
+            work_in_flight: false,
             cfg,
         };
         state.usable_region_size = state.usable_target();
@@ -422,93 +499,132 @@ impl<B: BlockBackend> MemState<B> {
         )
     }
 
-    /// Answers one request. Counts it in the metrics.
+    /// Answers one request, doing its host work on the device's own backend. Counts it in
+    /// the metrics. [`MemState::prepare`] and [`MemState::commit`] are the same in two
+    /// halves, for a caller that does the host work without holding the device.
     pub fn handle(&mut self, req: Request) -> Response {
-        let resp = match req {
-            Request::Plug { addr, nb_blocks } => self.plug(addr, nb_blocks),
-            Request::Unplug { addr, nb_blocks } => self.unplug(addr, nb_blocks),
-            Request::UnplugAll => self.unplug_all(),
-            Request::State { addr, nb_blocks } => match self.block_range(addr, nb_blocks) {
+        match self.prepare(req) {
+            Prepared::Answered(resp) => resp,
+            Prepared::Work(mut work) => {
+                work.run(&mut self.backend);
+                self.commit(work)
+            }
+        }
+    }
+
+    /// Validates a request. Requests that need no host work (STATE, invalid ones, a PLUG
+    /// beyond the requested size) are answered and counted here; the others come back as
+    /// [`HostWork`], to be run on the backend ([`HostWork::run`], which needs nothing of
+    /// the device) and then given to [`MemState::commit`]. Nothing changes until then.
+    ///
+    /// One request's host work at a time: while one is outstanding, further requests are
+    /// answered BUSY (the driver retries), as a second could act on blocks the first is
+    /// still changing.
+    pub fn prepare(&mut self, req: Request) -> Prepared {
+        let planned = match req {
+            Request::Plug { addr, nb_blocks } => self.plan_plug(addr, nb_blocks),
+            Request::Unplug { addr, nb_blocks } => self.plan_unplug(addr, nb_blocks),
+            Request::UnplugAll => Ok(HostWork::new(
+                req,
+                true,
+                self.bitmap
+                    .plugged_runs()
+                    .into_iter()
+                    .map(|r| self.run_of(r))
+                    .collect(),
+            )),
+            Request::State { addr, nb_blocks } => Err(match self.block_range(addr, nb_blocks) {
                 Some(r) => Response::Ack(self.bitmap.state(r)),
                 None => Response::Error,
-            },
-            Request::Unsupported(_) => Response::Error,
+            }),
+            Request::Unsupported(_) => Err(Response::Error),
         };
-        self.metrics.count(&req, resp);
+        let planned = planned.and_then(|work| {
+            if self.work_in_flight {
+                warn!("virtio-mem: answering BUSY: a request's host work is still running");
+                Err(Response::Busy)
+            } else {
+                Ok(work)
+            }
+        });
+        match planned {
+            Ok(work) => {
+                self.work_in_flight = true;
+                Prepared::Work(work)
+            }
+            Err(resp) => {
+                self.metrics.count(&req, resp);
+                Prepared::Answered(resp)
+            }
+        }
+    }
+
+    /// Commits what the host work did (the runs it completed, even when a later one
+    /// failed, so `plugged_size` always matches the host) and answers the request.
+    pub fn commit(&mut self, work: HostWork) -> Response {
+        self.work_in_flight = false;
+        for run in &work.runs[..work.done] {
+            self.bitmap.set_range(run.blocks.clone(), !work.unplug);
+            self.bump_generation();
+        }
+        let resp = match work.error {
+            Some(e) => self.backend_failed(e),
+            None => {
+                if work.request == Request::UnplugAll {
+                    // The spec lets the usable region shrink here, without a
+                    // notification; it never goes below what requested_size needs.
+                    let target = self.usable_target();
+                    if target != self.usable_region_size {
+                        self.usable_region_size = target;
+                        self.bump_generation();
+                    }
+                }
+                Response::Ack(None)
+            }
+        };
+        self.metrics.count(&work.request, resp);
         resp
     }
 
-    fn plug(&mut self, addr: u64, nb_blocks: u16) -> Response {
-        let Some(blocks) = self.block_range(addr, nb_blocks) else {
-            return Response::Error;
-        };
-        if self.bitmap.state(blocks.clone()) != Some(BlockState::Unplugged) {
-            return Response::Error;
-        }
+    fn run_of(&self, blocks: Range<u64>) -> Run {
         let (gpa, len) = self.range_addr(&blocks);
-        // plugged_size + len cannot overflow (both <= region_size), but stay checked.
-        match self.plugged_size().checked_add(len) {
-            Some(total) if total <= self.requested_size => {}
-            _ => return Response::Nack,
-        }
-        match self.backend.plug(gpa, len) {
-            Ok(()) => {
-                self.bitmap.set_range(blocks, true);
-                self.bump_generation();
-                Response::Ack(None)
-            }
-            Err(e) => self.backend_failed(e),
-        }
+        Run { blocks, gpa, len }
     }
 
-    fn unplug(&mut self, addr: u64, nb_blocks: u16) -> Response {
-        let Some(blocks) = self.block_range(addr, nb_blocks) else {
-            return Response::Error;
-        };
+    fn plan_plug(&self, addr: u64, nb_blocks: u16) -> Result<HostWork, Response> {
+        let blocks = self.block_range(addr, nb_blocks).ok_or(Response::Error)?;
+        if self.bitmap.state(blocks.clone()) != Some(BlockState::Unplugged) {
+            return Err(Response::Error);
+        }
+        let run = self.run_of(blocks);
+        // plugged_size + len cannot overflow (both <= region_size), but stay checked.
+        match self.plugged_size().checked_add(run.len) {
+            Some(total) if total <= self.requested_size => {}
+            _ => return Err(Response::Nack),
+        }
+        Ok(HostWork::new(
+            Request::Plug { addr, nb_blocks },
+            false,
+            vec![run],
+        ))
+    }
+
+    fn plan_unplug(&self, addr: u64, nb_blocks: u16) -> Result<HostWork, Response> {
+        let blocks = self.block_range(addr, nb_blocks).ok_or(Response::Error)?;
         if self.bitmap.state(blocks.clone()) != Some(BlockState::Plugged) {
-            return Response::Error;
+            return Err(Response::Error);
         }
-        let (gpa, len) = self.range_addr(&blocks);
-        match self.backend.unplug(gpa, len) {
-            Ok(()) => {
-                self.bitmap.set_range(blocks, false);
-                self.bump_generation();
-                Response::Ack(None)
-            }
-            Err(e) => self.backend_failed(e),
-        }
+        Ok(HostWork::new(
+            Request::Unplug { addr, nb_blocks },
+            true,
+            vec![self.run_of(blocks)],
+        ))
     }
 
     fn backend_failed(&mut self, e: BackendError) -> Response {
         self.metrics.backend_failures += 1;
         warn!("virtio-mem: answering BUSY: {e}");
         Response::Busy
-    }
-
-    /// Unplugs every plugged run through the backend. Runs that were released are
-    /// committed even if a later one fails, so `plugged_size` always matches the host.
-    fn unplug_runs(&mut self) -> Result<(), BackendError> {
-        for run in self.bitmap.plugged_runs() {
-            let (gpa, len) = self.range_addr(&run);
-            self.backend.unplug(gpa, len)?;
-            self.bitmap.set_range(run, false);
-            self.bump_generation();
-        }
-        Ok(())
-    }
-
-    fn unplug_all(&mut self) -> Response {
-        if let Err(e) = self.unplug_runs() {
-            return self.backend_failed(e);
-        }
-        // The spec lets the usable region shrink here, without a notification; it never
-        // goes below what requested_size needs.
-        let target = self.usable_target();
-        if target != self.usable_region_size {
-            self.usable_region_size = target;
-            self.bump_generation();
-        }
-        Response::Ack(None)
     }
 
     /// Device reset (driver re-probe, kdump kernel): forgets the negotiated features but
@@ -529,11 +645,141 @@ impl<B: BlockBackend> MemState<B> {
     /// [`VirtioMemError::ResetUnplug`] if the backend could not release some memory; the
     /// bitmap then still shows what stayed plugged.
     pub fn system_reset(&mut self) -> Result<(), VirtioMemError> {
+        if self.work_in_flight {
+            return Err(VirtioMemError::ResetUnplug(
+                "a request's host work is still running; reset once it is committed".into(),
+            ));
+        }
         self.device_reset();
-        self.unplug_runs()
-            .map_err(|e| VirtioMemError::ResetUnplug(e.to_string()))?;
+        for run in self.bitmap.plugged_runs() {
+            let run = self.run_of(run);
+            self.backend
+                .unplug(run.gpa, run.len)
+                .map_err(|e| VirtioMemError::ResetUnplug(e.to_string()))?;
+            self.bitmap.set_range(run.blocks, false);
+            self.bump_generation();
+        }
         self.usable_region_size = self.usable_target();
         self.bump_generation();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+mod tests {
+    use super::*;
+    use crate::test_utils::{BackendCall, RecordingBackend};
+
+    const BASE: u64 = 4 << 30;
+    const BLOCK: u64 = 2 << 20;
+
+    fn state() -> MemState<RecordingBackend> {
+        let mut s = MemState::new(
+            DeviceConfig::new(BASE, 64 * BLOCK, BLOCK),
+            RecordingBackend::default(),
+        )
+        .unwrap();
+        s.set_requested_size(8 * BLOCK).unwrap();
+        s
+    }
+
+    fn plug(addr: u64, nb_blocks: u16) -> Request {
+        Request::Plug { addr, nb_blocks }
+    }
+
+    #[test]
+    fn host_work_changes_nothing_until_committed() {
+        let mut s = state();
+        let Prepared::Work(mut work) = s.prepare(plug(BASE, 2)) else {
+            panic!("a valid plug needs host work");
+        };
+        assert_eq!(work.bytes(), 2 * BLOCK);
+        let mut other = RecordingBackend::default();
+        work.run(&mut other);
+        assert_eq!(
+            other.calls,
+            vec![BackendCall::Plug {
+                addr: BASE,
+                len: 2 * BLOCK
+            }]
+        );
+        assert!(
+            s.backend().calls.is_empty(),
+            "the device's backend is not used"
+        );
+        assert_eq!(s.plugged_size(), 0, "not committed yet");
+        // The operator resizes while the host work runs: nothing waits, nothing is lost.
+        s.set_requested_size(0).unwrap();
+        assert_eq!(s.commit(work), Response::Ack(None));
+        assert_eq!(s.plugged_size(), 2 * BLOCK);
+        assert_eq!(s.metrics().plug.ack, 1);
+    }
+
+    #[test]
+    fn one_request_in_flight_at_a_time() {
+        let mut s = state();
+        let Prepared::Work(work) = s.prepare(plug(BASE, 1)) else {
+            panic!("a valid plug needs host work");
+        };
+        assert!(matches!(
+            s.prepare(plug(BASE + BLOCK, 1)),
+            Prepared::Answered(Response::Busy)
+        ));
+        assert!(s.system_reset().is_err(), "reset waits for the commit");
+        // Requests without host work are still answered.
+        assert!(matches!(
+            s.prepare(Request::State {
+                addr: BASE,
+                nb_blocks: 1
+            }),
+            Prepared::Answered(Response::Ack(Some(BlockState::Unplugged)))
+        ));
+        let mut w = work;
+        w.run(s.backend_mut());
+        s.commit(w);
+        assert!(matches!(
+            s.prepare(plug(BASE + BLOCK, 1)),
+            Prepared::Work(_)
+        ));
+    }
+
+    #[test]
+    fn unplug_all_commits_the_runs_done_before_a_failure() {
+        let mut s = state();
+        assert_eq!(s.handle(plug(BASE, 1)), Response::Ack(None));
+        assert_eq!(s.handle(plug(BASE + 4 * BLOCK, 2)), Response::Ack(None));
+        let Prepared::Work(mut work) = s.prepare(Request::UnplugAll) else {
+            panic!("unplug all needs host work");
+        };
+        let mut failing = RecordingBackend {
+            fail_unplugs: 0,
+            ..RecordingBackend::default()
+        };
+        // First run succeeds, the second fails.
+        work.run(&mut FailSecond(&mut failing, 0));
+        assert_eq!(s.commit(work), Response::Busy);
+        assert_eq!(s.plugged_size(), 2 * BLOCK, "the first run is committed");
+        assert_eq!(
+            s.bitmap().state(4..6),
+            Some(BlockState::Plugged),
+            "the failed run stays plugged"
+        );
+    }
+
+    /// Fails every unplug after the first.
+    struct FailSecond<'a>(&'a mut RecordingBackend, u32);
+
+    impl BlockBackend for FailSecond<'_> {
+        fn plug(&mut self, addr: u64, len: u64) -> Result<(), BackendError> {
+            self.0.plug(addr, len)
+        }
+        fn unplug(&mut self, addr: u64, len: u64) -> Result<(), BackendError> {
+            self.1 += 1;
+            if self.1 > 1 {
+                self.0.fail_unplugs = 1;
+            }
+            self.0.unplug(addr, len)
+        }
     }
 }

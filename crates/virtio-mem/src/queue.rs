@@ -17,7 +17,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::backend::{BlockBackend, Interrupt};
-use crate::device::{DeviceConfig, MemState, ResizeOutcome, VirtioMemError};
+use crate::device::{DeviceConfig, HostWork, MemState, Prepared, ResizeOutcome, VirtioMemError};
 use crate::metrics::RateLimit;
 use crate::wire::{RawRequest, RawResponse, Request, Response, REQUEST_SIZE, RESPONSE_SIZE};
 
@@ -273,15 +273,13 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
         self.state.system_reset()
     }
 
-    /// Handles available requests (at most one ring's worth), then signals the driver if
-    /// it wants to be told. Returns what happened to each chain, in order.
+    /// Handles available requests (at most one ring's worth), with their host work on
+    /// the device's own backend, then signals the driver if it wants to be told. Returns
+    /// what happened to each chain, in order.
     ///
-    /// Guest memory is viewed afresh for each step: a chain is parsed and its request read
-    /// through one view, which is dropped before the request acts on the backend; the
-    /// response and the used element are written through a view taken after it. A request
-    /// that unplugs memory therefore never has its answer, or a later chain, handled
-    /// through a view that still maps the unplugged blocks, and a backend that waits for
-    /// old views to end before it takes memory away never waits for this device.
+    /// It is [`VirtioMem::take_request`], [`HostWork::run`] and
+    /// [`VirtioMem::finish_request`] in a loop, then [`VirtioMem::signal_used`]; a caller
+    /// that must not hold the device during host work calls those itself.
     ///
     /// # Errors
     ///
@@ -292,22 +290,126 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
         &mut self,
         space: A,
     ) -> Result<Vec<Completion>, VirtioMemError> {
-        let mut queue = self.queue.take().ok_or(VirtioMemError::NotActivated)?;
-        let completions = self.drain(&mut queue, &space);
-        if !completions.is_empty() {
-            match queue.needs_notification(&*space.memory()) {
-                Ok(true) => {
-                    if let Err(e) = self.interrupt.signal_used_queue() {
-                        self.state.metrics_mut().queue_errors += 1;
-                        error!("virtio-mem: cannot signal used buffers to the guest: {e}");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => self.queue_error(format_args!("cannot read the used event index: {e}")),
-            }
+        let budget = self.round_budget();
+        if budget == 0 {
+            return Err(VirtioMemError::NotActivated);
         }
-        self.queue = Some(queue);
+        let mut completions = Vec::new();
+        while completions.len() < budget {
+            let Some(mut taken) = self.take_request(&space) else {
+                break;
+            };
+            if let Some(work) = taken.host_work() {
+                work.run(self.state.backend_mut());
+            }
+            let Some(completion) = self.finish_request(&space, taken) else {
+                break;
+            };
+            completions.push(completion);
+        }
+        if !completions.is_empty() {
+            self.signal_used(&space);
+        }
         Ok(completions)
+    }
+
+    /// How many requests one round may handle: one ring's worth, so that a driver that
+    /// refills as fast as the device consumes cannot keep a round going forever (it
+    /// notifies again and gets the next round). 0 when not activated.
+    pub fn round_budget(&self) -> usize {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| usize::from(q.size().max(1)))
+    }
+
+    /// Takes the next available chain, reads its request and validates it
+    /// ([`MemState::prepare`]). `None` when there is none (or no queue, or the ring is
+    /// unreadable). The view of guest memory it used is dropped before it returns, so
+    /// the request's host work never runs while this device holds one.
+    pub fn take_request<A: GuestAddressSpace>(&mut self, space: &A) -> Option<TakenRequest> {
+        let queue = self.queue.as_mut()?;
+        let (head, request, writable) = {
+            let mem = space.memory();
+            let chain = queue.pop_descriptor_chain(&*mem)?;
+            let head = chain.head_index();
+            let (request, writable) = read_chain(&*mem, chain);
+            (head, request, writable)
+        };
+        let answer = match request {
+            Ok(req) => self.state.prepare(req),
+            Err(why) => {
+                self.state.metrics_mut().malformed_chains += 1;
+                if let Some(dropped) = self.malformed_log.allow() {
+                    warn!(
+                        "virtio-mem: malformed request chain {head}: {why:?} \
+                         ({dropped} similar messages suppressed)"
+                    );
+                }
+                Prepared::Answered(Response::Error)
+            }
+        };
+        Some(TakenRequest {
+            head,
+            request,
+            writable,
+            answer,
+        })
+    }
+
+    /// Commits the request's host work ([`MemState::commit`]), then writes the response
+    /// and returns the chain to the driver through a view of guest memory taken now (after
+    /// any unplug of this request). `None` when the used element could not be added
+    /// (counted and logged): the round should stop.
+    pub fn finish_request<A: GuestAddressSpace>(
+        &mut self,
+        space: &A,
+        taken: TakenRequest,
+    ) -> Option<Completion> {
+        let TakenRequest {
+            head,
+            request,
+            writable,
+            answer,
+        } = taken;
+        let response = match answer {
+            Prepared::Answered(r) => r,
+            Prepared::Work(work) => self.state.commit(work),
+        };
+        let mem = space.memory();
+        let written = write_response(&*mem, response, &writable);
+        let completion = Completion {
+            head,
+            request,
+            response: written.then_some(response),
+            used_len: if written { RESPONSE_LEN } else { 0 },
+        };
+        // No queue: the device was reset meanwhile; the driver forgot the chain.
+        let queue = self.queue.as_mut()?;
+        if let Err(e) = queue.add_used(&*mem, head, completion.used_len) {
+            self.queue_error(format_args!(
+                "cannot add used element for chain {head}: {e}"
+            ));
+            return None;
+        }
+        Some(completion)
+    }
+
+    /// Interrupts the driver after a round that returned chains, if it wants to be told.
+    pub fn signal_used<A: GuestAddressSpace>(&mut self, space: &A) {
+        let Some(queue) = self.queue.as_mut() else {
+            return;
+        };
+        let wanted = queue.needs_notification(&*space.memory());
+        match wanted {
+            Ok(true) => {
+                if let Err(e) = self.interrupt.signal_used_queue() {
+                    self.state.metrics_mut().queue_errors += 1;
+                    error!("virtio-mem: cannot signal used buffers to the guest: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => self.queue_error(format_args!("cannot read the used event index: {e}")),
+        }
     }
 
     /// Counts a queue-level failure and logs it, rate-limited: a guest can cause one per
@@ -318,78 +420,45 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
             error!("virtio-mem: {what} ({dropped} similar messages suppressed)");
         }
     }
+}
 
-    fn drain<A: GuestAddressSpace>(&mut self, queue: &mut Queue, space: &A) -> Vec<Completion> {
-        let mut completions = Vec::new();
-        // One round handles at most one ring's worth: a driver that refills as fast as we
-        // consume cannot keep this thread here forever; it gets the next round.
-        let budget = usize::from(queue.size().max(1));
-        while completions.len() < budget {
-            let (head, request, writable) = {
-                let mem = space.memory();
-                let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let (request, writable) = self.read_chain(&*mem, chain);
-                (head, request, writable)
-            };
-            // No view of guest memory is held while the request acts.
-            let response = self.act(head, request);
-            let mem = space.memory();
-            let written = write_response(&*mem, response, &writable);
-            let completion = Completion {
-                head,
-                request,
-                response: written.then_some(response),
-                used_len: if written { RESPONSE_LEN } else { 0 },
-            };
-            if let Err(e) = queue.add_used(&*mem, head, completion.used_len) {
-                self.queue_error(format_args!(
-                    "cannot add used element for chain {head}: {e}"
-                ));
-                break;
-            }
-            completions.push(completion);
-        }
-        completions
-    }
+/// A request taken from the queue ([`VirtioMem::take_request`]) whose answer is pending:
+/// run its [`HostWork`], if any, then give it to [`VirtioMem::finish_request`].
+#[derive(Debug)]
+#[must_use = "a taken request must be finished, or the driver waits for it forever"]
+pub struct TakenRequest {
+    head: u16,
+    request: Result<Request, MalformedChain>,
+    writable: Vec<(GuestAddress, u32)>,
+    answer: Prepared,
+}
 
-    /// Parses a chain and reads its request; returns the request (or why the chain is
-    /// malformed) and the buffers for the response.
-    fn read_chain<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        chain: DescriptorChain<&M>,
-    ) -> (Result<Request, MalformedChain>, Vec<(GuestAddress, u32)>) {
-        let parsed = parse_chain(mem, chain);
-        let mut raw = RawRequest::default();
-        let request = match parsed.error {
-            Some(e) => Err(e),
-            None if !gather(mem, &parsed.readable, raw.as_mut_slice()) => {
-                Err(MalformedChain::OutsideGuestMemory)
-            }
-            None => Ok(Request::from(raw)),
-        };
-        (request, parsed.writable)
-    }
-
-    /// Acts on the request (or counts the malformed chain); returns the answer.
-    fn act(&mut self, head: u16, request: Result<Request, MalformedChain>) -> Response {
-        match request {
-            Ok(req) => self.state.handle(req),
-            Err(why) => {
-                self.state.metrics_mut().malformed_chains += 1;
-                if let Some(dropped) = self.malformed_log.allow() {
-                    warn!(
-                        "virtio-mem: malformed request chain {head}: {why:?} \
-                         ({dropped} similar messages suppressed)"
-                    );
-                }
-                Response::Error
-            }
+impl TakenRequest {
+    /// The host work the request needs, if any.
+    pub fn host_work(&mut self) -> Option<&mut HostWork> {
+        match &mut self.answer {
+            Prepared::Work(w) => Some(w),
+            Prepared::Answered(_) => None,
         }
     }
+}
+
+/// Parses a chain and reads its request; returns the request (or why the chain is
+/// malformed) and the buffers for the response.
+fn read_chain<M: GuestMemory>(
+    mem: &M,
+    chain: DescriptorChain<&M>,
+) -> (Result<Request, MalformedChain>, Vec<(GuestAddress, u32)>) {
+    let parsed = parse_chain(mem, chain);
+    let mut raw = RawRequest::default();
+    let request = match parsed.error {
+        Some(e) => Err(e),
+        None if !gather(mem, &parsed.readable, raw.as_mut_slice()) => {
+            Err(MalformedChain::OutsideGuestMemory)
+        }
+        None => Ok(Request::from(raw)),
+    };
+    (request, parsed.writable)
 }
 
 /// Writes `response` across the chain's writable buffers; `false` if they are too small or

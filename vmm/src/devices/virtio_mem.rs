@@ -4,9 +4,12 @@
 //!
 //! Requests are served on a thread of their own, not on the VMM's event loop: plugging
 //! with populate faults in host memory and may take a while, and the guest waits for the
-//! answer anyway, while the serial console and other devices must go on.
+//! answer anyway, while the serial console and other devices must go on. That thread
+//! holds the device only to take a request and to commit its answer; the host work in
+//! between (populate, KVM slots, discard) runs under the hotplug memory's own lock, so the
+//! memory API and the vCPUs' config reads never wait for it.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -19,8 +22,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::hotplug::HotplugMemory;
 use crate::memory::GuestMemoryHandle;
 
+/// The hotplug memory, shared by the device model (for its own resets) and the request
+/// thread (which does the host work without holding the device).
+pub type SharedHotplug = Arc<Mutex<HotplugMemory>>;
+
 /// The device model with the VMM's backend and interrupt.
-pub type MemDevice = VirtioMem<HotplugMemory, Arc<IrqSlot>>;
+pub type MemDevice = VirtioMem<SharedHotplug, Arc<IrqSlot>>;
 
 /// The transport's interrupt, once the transport hands it over.
 #[derive(Default)]
@@ -71,9 +78,18 @@ struct Worker {
     thread: JoinHandle<()>,
 }
 
+fn lock_hotplug(hotplug: &SharedHotplug) -> MutexGuard<'_, HotplugMemory> {
+    // HotplugMemory's operations publish the devices' map last and undo on failure; a
+    // panic inside one is a VMM bug whose state is still the best truth available for
+    // releasing slots. Plug and unplug go through the BlockBackend impl of the Arc,
+    // which refuses a poisoned backend.
+    hotplug.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The virtio-mmio face of the device.
 pub struct VirtioMemDevice {
     core: SharedMem,
+    hotplug: SharedHotplug,
     irq: Arc<IrqSlot>,
     worker: Option<Worker>,
 }
@@ -87,10 +103,11 @@ impl std::fmt::Debug for VirtioMemDevice {
 }
 
 impl VirtioMemDevice {
-    /// Wraps a device model whose interrupt is `irq`.
-    pub fn new(core: SharedMem, irq: Arc<IrqSlot>) -> Self {
+    /// Wraps a device model whose interrupt is `irq` and whose backend is `hotplug`.
+    pub fn new(core: SharedMem, hotplug: SharedHotplug, irq: Arc<IrqSlot>) -> Self {
         VirtioMemDevice {
             core,
+            hotplug,
             irq,
             worker: None,
         }
@@ -115,37 +132,30 @@ impl Drop for VirtioMemDevice {
     }
 }
 
-/// How long the guest must send no request before idle KVM slots are removed
-/// ([`HotplugMemory::release_idle_slots`] says why this waits).
-const SLOT_RELEASE_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// What ended a [`wait`].
 #[derive(Debug, PartialEq, Eq)]
 enum Wake {
     Notify,
-    Timeout,
+    ReleaseTimer,
     Stop,
 }
 
-/// Waits until `notify` or `stop` is readable, or `timeout` passes (None: forever).
-fn wait(notify: &EventFd, stop: &EventFd, timeout: Option<std::time::Duration>) -> Wake {
-    let timeout_ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+/// Waits until `stop`, `notify` or the slot release timer is readable.
+fn wait(notify: &EventFd, stop: &EventFd, release_timer: RawFd) -> Wake {
+    let pollfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let mut fds = [
-        libc::pollfd {
-            fd: notify.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        pollfd(stop.as_raw_fd()),
+        pollfd(notify.as_raw_fd()),
+        pollfd(release_timer),
     ];
     loop {
-        // SAFETY: `fds` is a valid array of two pollfd structures that outlives the call,
-        // and its length is passed alongside it.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        // SAFETY: `fds` is a valid array of three pollfd structures that outlives the
+        // call, and its length is passed alongside it.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -154,35 +164,58 @@ fn wait(notify: &EventFd, stop: &EventFd, timeout: Option<std::time::Duration>) 
             error!("virtio-mem: poll failed: {e}");
             return Wake::Stop;
         }
-        return if fds[1].revents != 0 {
+        return if fds[0].revents != 0 {
             Wake::Stop
-        } else if r == 0 {
-            Wake::Timeout
-        } else {
+        } else if fds[1].revents != 0 {
             Wake::Notify
+        } else {
+            Wake::ReleaseTimer
         };
     }
 }
 
-fn serve(core: SharedMem, mem: GuestMemoryHandle, notify: EventFd, stop: EventFd) {
-    let mut idle_slots = false;
+/// One round of requests: each taken and committed under the device lock, its host work
+/// done under the hotplug lock only.
+fn serve_round(core: &SharedMem, hotplug: &SharedHotplug, mem: &GuestMemoryHandle) {
+    let budget = lock(core).round_budget();
+    let mut answered = 0;
+    while answered < budget {
+        let Some(mut taken) = lock(core).take_request(mem) else {
+            break;
+        };
+        if let Some(work) = taken.host_work() {
+            // The Arc's BlockBackend impl takes the hotplug lock for each call.
+            work.run(&mut Arc::clone(hotplug));
+        }
+        if lock(core).finish_request(mem, taken).is_none() {
+            break;
+        }
+        answered += 1;
+    }
+    if answered > 0 {
+        lock(core).signal_used(mem);
+    }
+}
+
+fn serve(
+    core: SharedMem,
+    hotplug: SharedHotplug,
+    mem: GuestMemoryHandle,
+    notify: EventFd,
+    stop: EventFd,
+) {
+    // Open as long as the HotplugMemory lives, which this thread keeps alive.
+    let release_timer = lock_hotplug(&hotplug).release_timer();
     loop {
-        match wait(&notify, &stop, idle_slots.then_some(SLOT_RELEASE_QUIET)) {
+        match wait(&notify, &stop, release_timer) {
             Wake::Stop => break,
-            Wake::Timeout => {
-                lock(&core).state_mut().backend_mut().release_idle_slots();
-                idle_slots = false;
+            Wake::ReleaseTimer => {
+                lock_hotplug(&hotplug).on_release_timer();
             }
             Wake::Notify => {
                 // Non-blocking: a spurious wake-up just finds the queue empty.
                 let _ = notify.read();
-                let mut dev = lock(&core);
-                // The device takes its own short views of guest memory: one held here
-                // across the round would make every unplug in it wait for this thread.
-                if let Err(e) = dev.process_queue(mem.clone()) {
-                    warn!("virtio-mem: {e}");
-                }
-                idle_slots = dev.state().backend().has_idle_slots();
+                serve_round(&core, &hotplug, &mem);
             }
         }
     }
@@ -243,10 +276,11 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
             .try_clone()
             .map_err(|e| ActivateError::Setup(e.to_string()))?;
         let core = Arc::clone(&self.core);
+        let hotplug = Arc::clone(&self.hotplug);
         let mem = activation.mem;
         let thread = std::thread::Builder::new()
             .name("virtio-mem".into())
-            .spawn(move || serve(core, mem, q.notify, stop_copy))
+            .spawn(move || serve(core, hotplug, mem, q.notify, stop_copy))
             .map_err(|e| ActivateError::Setup(e.to_string()))?;
         self.worker = Some(Worker { stop, thread });
         info!("virtio-mem: driver ready");
@@ -255,22 +289,28 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
 
     fn reset(&mut self) {
         self.stop_worker();
-        let mut dev = lock(&self.core);
-        dev.reset();
+        lock(&self.core).reset();
         // No request thread is left to do it once the guest goes quiet.
-        dev.state_mut().backend_mut().release_idle_slots();
+        lock_hotplug(&self.hotplug).release_idle_slots();
     }
 }
 
-/// The memory API's view of the device.
+/// The memory API's view of the device. It never takes the hotplug memory's lock, which
+/// the request thread holds during host work.
 pub struct MemoryApi {
     core: SharedMem,
+    region: Arc<memory_backend::MemoryRegion>,
 }
 
 impl MemoryApi {
-    /// Serves `core`.
-    pub fn new(core: SharedMem) -> Self {
-        MemoryApi { core }
+    /// Serves `core`, whose host memory is `region`.
+    pub fn new(core: SharedMem, region: Arc<memory_backend::MemoryRegion>) -> Self {
+        MemoryApi { core, region }
+    }
+
+    /// The size the guest is asked to plug now.
+    pub fn requested_size(&self) -> u64 {
+        lock(&self.core).state().requested_size()
     }
 }
 
@@ -278,7 +318,6 @@ impl MemoryControl for MemoryApi {
     fn status(&self) -> MemoryStatus {
         let dev = lock(&self.core);
         let s = dev.state();
-        let region = Arc::clone(s.backend().region());
         let mut status = MemoryStatus {
             region_addr: s.config().addr,
             region_size: s.config().region_size,
@@ -290,7 +329,7 @@ impl MemoryControl for MemoryApi {
         };
         // Reading smaps takes a while: not under the device lock.
         drop(dev);
-        match region.usage() {
+        match self.region.usage() {
             Ok(u) => status.host_resident_bytes = u.committed(),
             Err(e) => warn!("virtio-mem: cannot read the region's host memory: {e}"),
         }
