@@ -92,14 +92,15 @@ impl MemoryStatus {
     /// One `key=value` line per figure, for scripts and grep.
     pub fn to_lines(&self) -> String {
         format!(
-            "region_addr={:#x}\nregion_size={}\nblock_size={}\nusable_region_size={}\nplugged_size={}\nrequested_size={}\nhost_resident_bytes={}\n",
+            "region_addr={:#x}\nregion_size={}\nblock_size={}\nusable_region_size={}\nplugged_size={}\nrequested_size={}\nhost_resident_bytes={}\nhost_resident_age_ms={}\n",
             self.region_addr,
             self.region_size,
             self.block_size,
             self.usable_region_size,
             self.plugged_size,
             self.requested_size,
-            self.host_resident_bytes
+            self.host_resident_bytes,
+            self.host_resident_age_ms
         )
     }
 }

@@ -22,7 +22,7 @@ pub use server::{ApiServer, ApiServerError};
 
 use serde::{Deserialize, Serialize};
 
-/// The memory figures `GET /v1/memory` reports, all in bytes.
+/// The memory figures `GET /v1/memory` reports, in bytes unless named otherwise.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryStatus {
     /// Guest-physical start of the virtio-mem region.
@@ -37,8 +37,14 @@ pub struct MemoryStatus {
     pub plugged_size: u64,
     /// Memory the host asked the guest to plug.
     pub requested_size: u64,
-    /// Host memory the region really holds now (resident pages of the backing).
+    /// Host memory the region really holds (resident pages of the backing), as last
+    /// sampled: measuring it walks the region's page tables, so it is not done while the
+    /// API answers.
     pub host_resident_bytes: u64,
+    /// Age of `host_resident_bytes` in milliseconds (a new sample is taken when a GET
+    /// finds it older than a second).
+    #[serde(default)]
+    pub host_resident_age_ms: u64,
 }
 
 /// The body of `PUT /v1/memory`.

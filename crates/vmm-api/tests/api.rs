@@ -133,6 +133,7 @@ fn get_reports_every_figure() {
         "plugged_size",
         "requested_size",
         "host_resident_bytes",
+        "host_resident_age_ms",
     ] {
         assert!(v.get(key).is_some(), "missing {key} in {body}");
     }

@@ -10,8 +10,9 @@
 //! memory API and the vCPUs' config reads never wait for it.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use virtio_mem::{VirtioMem, VirtioMemError};
@@ -296,16 +297,73 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
 }
 
 /// The memory API's view of the device. It never takes the hotplug memory's lock, which
-/// the request thread holds during host work.
+/// the request thread holds during host work, nor measures host memory itself.
 pub struct MemoryApi {
     core: SharedMem,
-    region: Arc<memory_backend::MemoryRegion>,
+    resident: ResidentSampler,
+}
+
+/// Samples of the region's host-resident bytes are refreshed when a GET finds the last
+/// one older than this.
+const RESIDENT_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Measures the region's host-resident bytes on a thread of its own, when asked. The
+/// measure walks the page tables of the whole region (milliseconds per populated GiB, and
+/// longer while populate or discard holds the process's mmap lock), so an API answer
+/// gives the latest sample and its age instead of waiting for a new one.
+struct ResidentSampler {
+    latest: Arc<Mutex<Option<(Instant, u64)>>>,
+    /// Asks for a sample; the thread ends when this is dropped.
+    refresh: mpsc::SyncSender<()>,
+}
+
+impl ResidentSampler {
+    fn start(region: Arc<memory_backend::MemoryRegion>) -> Self {
+        let latest = Arc::new(Mutex::new(None));
+        // One pending request is enough: a sample taken after it covers them all.
+        let (refresh, requests) = mpsc::sync_channel::<()>(1);
+        let out = Arc::clone(&latest);
+        let sample = move || match region.usage() {
+            Ok(u) => {
+                *out.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((Instant::now(), u.committed()));
+            }
+            Err(e) => warn!("virtio-mem: cannot read the region's host memory: {e}"),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("vmm-resident".into())
+            .spawn(move || {
+                sample();
+                while requests.recv().is_ok() {
+                    sample();
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("virtio-mem: no thread to measure host memory, GET reports 0: {e}");
+        }
+        ResidentSampler { latest, refresh }
+    }
+
+    /// The latest sample (bytes, age in ms); asks for a new one when it is old.
+    fn get(&self) -> (u64, u64) {
+        let latest = *self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        let age = latest.map(|(at, _)| at.elapsed());
+        if age.is_none_or(|a| a > RESIDENT_MAX_AGE) {
+            // Full: a sample is coming anyway. Disconnected: reported at start.
+            let _ = self.refresh.try_send(());
+        }
+        let age_ms = age.map_or(0, |a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX));
+        (latest.map_or(0, |(_, bytes)| bytes), age_ms)
+    }
 }
 
 impl MemoryApi {
     /// Serves `core`, whose host memory is `region`.
     pub fn new(core: SharedMem, region: Arc<memory_backend::MemoryRegion>) -> Self {
-        MemoryApi { core, region }
+        MemoryApi {
+            core,
+            resident: ResidentSampler::start(region),
+        }
     }
 
     /// The size the guest is asked to plug now.
@@ -326,13 +384,10 @@ impl MemoryControl for MemoryApi {
             plugged_size: s.plugged_size(),
             requested_size: s.requested_size(),
             host_resident_bytes: 0,
+            host_resident_age_ms: 0,
         };
-        // Reading smaps takes a while: not under the device lock.
         drop(dev);
-        match self.region.usage() {
-            Ok(u) => status.host_resident_bytes = u.committed(),
-            Err(e) => warn!("virtio-mem: cannot read the region's host memory: {e}"),
-        }
+        (status.host_resident_bytes, status.host_resident_age_ms) = self.resident.get();
         status
     }
 
@@ -349,5 +404,50 @@ impl MemoryControl for MemoryApi {
                 other => ResizeError::Unavailable(other.to_string()),
             })?;
         Ok(self.status())
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+mod tests {
+    use super::*;
+    use memory_backend::{MemoryRegion, RegionConfig};
+
+    const MIB: u64 = 1 << 20;
+
+    /// Polls `sampler` until its figure satisfies `want` (at most 10 s).
+    fn wait_for(sampler: &ResidentSampler, want: impl Fn(u64) -> bool) -> (u64, u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = sampler.get();
+            if want(got.0) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn host_memory_is_sampled_off_the_answer_and_refreshed_when_old() {
+        let region = Arc::new(MemoryRegion::new(RegionConfig::new(8 * MIB, 2 * MIB)).unwrap());
+        let sampler = ResidentSampler::start(Arc::clone(&region));
+        // The first sample is taken at start.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sampler.latest.lock().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (bytes, age_ms) = sampler.get();
+        assert_eq!(bytes, 0);
+        assert!(age_ms < 1000, "fresh sample, {age_ms} ms old");
+        region.plug(0, 2 * MIB).unwrap();
+        // SAFETY: the first 2 MiB of the region were just plugged (read-write) and the
+        // region outlives this write.
+        unsafe { region.host_addr().write_bytes(1, 2 << 20) };
+        // A GET within the second still answers from the old sample ...
+        assert_eq!(sampler.get().0, 0);
+        // ... and once it is older than that, GETs bring a new one.
+        std::thread::sleep(RESIDENT_MAX_AGE + Duration::from_millis(100));
+        let (bytes, _) = wait_for(&sampler, |b| b >= 2 * MIB);
+        assert_eq!(bytes, 2 * MIB);
     }
 }
