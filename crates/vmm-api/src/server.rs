@@ -1,13 +1,19 @@
-//! The API server: one accept thread on a Unix socket (mode 0600), one short-lived thread
-//! per connection (at most [`MAX_CONNECTIONS`] at once), read and write timeouts so a
-//! client that stalls or vanishes costs nothing but its own thread for a few seconds.
+//! The API server: one accept thread on a Unix socket (mode 0600) and up to
+//! [`MAX_CONNECTIONS`] connection threads, read and write timeouts so a client that stalls
+//! or vanishes costs nothing but one connection thread for a few seconds.
+//!
+//! Connection threads are kept, parked, between connections, and a new one is started only
+//! when all are busy. Starting a thread maps its stack, which needs the process's memory
+//! map lock for writing: while the VMM populates or discards guest memory that lock is
+//! contended, and a GET then waited tens of milliseconds for its thread.
 
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -119,13 +125,100 @@ impl Drop for ApiServer {
     }
 }
 
+/// Connection threads and the connections waiting for one.
+struct Workers {
+    control: Arc<dyn MemoryControl>,
+    queue: Mutex<WorkerQueue>,
+    ready: Condvar,
+}
+
+struct WorkerQueue {
+    waiting: VecDeque<UnixStream>,
+    /// Threads started (alive until the server stops).
+    threads: usize,
+    /// Threads parked, waiting for a connection.
+    idle: usize,
+    stop: bool,
+}
+
+impl Workers {
+    /// Hands `stream` to a parked thread, or to a new one while fewer than
+    /// [`MAX_CONNECTIONS`] exist; gives it back when all are busy.
+    fn dispatch(self: &Arc<Self>, stream: UnixStream) -> Result<(), UnixStream> {
+        let mut q = self.lock();
+        if q.idle > q.waiting.len() {
+            q.waiting.push_back(stream);
+            drop(q);
+            self.ready.notify_one();
+            return Ok(());
+        }
+        if q.threads >= MAX_CONNECTIONS {
+            return Err(stream);
+        }
+        let workers = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .spawn(move || workers.run());
+        match spawned {
+            Ok(_) => {
+                q.threads += 1;
+                q.waiting.push_back(stream);
+                Ok(())
+            }
+            Err(e) => {
+                warn!("API: cannot start a connection thread: {e}");
+                Err(stream)
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WorkerQueue> {
+        // The queue is only pushed to and popped from: a panic elsewhere cannot leave it
+        // half-updated.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn run(&self) {
+        let mut q = self.lock();
+        loop {
+            if let Some(mut stream) = q.waiting.pop_front() {
+                drop(q);
+                serve(&mut stream, self.control.as_ref());
+                drop(stream);
+                q = self.lock();
+                continue;
+            }
+            if q.stop {
+                return;
+            }
+            q.idle += 1;
+            q = self.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
+            q.idle -= 1;
+        }
+    }
+
+    fn stop(&self) {
+        self.lock().stop = true;
+        self.ready.notify_all();
+    }
+}
+
 fn accept_loop(listener: UnixListener, control: Arc<dyn MemoryControl>, stop: Arc<AtomicBool>) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let workers = Arc::new(Workers {
+        control,
+        queue: Mutex::new(WorkerQueue {
+            waiting: VecDeque::new(),
+            threads: 0,
+            idle: 0,
+            stop: false,
+        }),
+        ready: Condvar::new(),
+    });
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let mut stream = match conn {
+        let stream = match conn {
             Ok(s) => s,
             Err(e) => {
                 warn!("API: accept failed: {e}");
@@ -134,24 +227,11 @@ fn accept_loop(listener: UnixListener, control: Arc<dyn MemoryControl>, stop: Ar
         };
         let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
+        if let Err(mut stream) = workers.dispatch(stream) {
             let _ = write_response(&mut stream, 503, &error_json("too many API connections"));
-            continue;
-        }
-        let control = Arc::clone(&control);
-        let active_conn = Arc::clone(&active);
-        let spawned = std::thread::Builder::new()
-            .name("api-conn".into())
-            .spawn(move || {
-                serve(&mut stream, control.as_ref());
-                active_conn.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::SeqCst);
-            warn!("API: cannot start a connection thread: {e}");
         }
     }
+    workers.stop();
 }
 
 fn error_json(message: &str) -> String {
