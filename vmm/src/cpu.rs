@@ -317,6 +317,27 @@ fn boot_gdt() -> [u64; 4] {
     ]
 }
 
+/// The guest's physical address width as the VMM's CPUID reports it (leaf 0x8000_0008,
+/// EAX[7:0]; the VMM passes it through from KVM), or `None` when KVM gives no such leaf.
+///
+/// # Errors
+///
+/// [`CpuError`] when KVM refuses GET_SUPPORTED_CPUID.
+pub fn guest_phys_bits(kvm: &Kvm) -> Result<Option<u8>, CpuError> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("GET_SUPPORTED_CPUID", 0))?;
+    Ok(phys_bits_of(cpuid.as_slice()))
+}
+
+fn phys_bits_of(entries: &[kvm_bindings::kvm_cpuid_entry2]) -> Option<u8> {
+    entries
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .and_then(|e| u8::try_from(e.eax & 0xff).ok())
+        .filter(|&b| b > 0)
+}
+
 /// Configures vCPU `cpu` of `count` to start the kernel's 64-bit entry point at `entry`,
 /// without the KVM paravirtual features in `pv_off`.
 ///
@@ -530,6 +551,20 @@ mod tests {
         let tss = segment(gdt[3], 3);
         assert_eq!((tss.selector, tss.type_, tss.s), (24, 0xb, 0));
         assert_eq!(segment(gdt[0], 0).unusable, 1);
+    }
+
+    #[test]
+    fn phys_bits_come_from_leaf_0x8000_0008() {
+        let leaf = |function, eax| kvm_cpuid_entry2 {
+            function,
+            eax,
+            ..Default::default()
+        };
+        assert_eq!(
+            phys_bits_of(&[leaf(0, 0x10), leaf(0x8000_0008, 0x3028)]),
+            Some(40)
+        );
+        assert_eq!(phys_bits_of(&[leaf(0, 0x10)]), None);
     }
 
     #[test]

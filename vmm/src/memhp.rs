@@ -144,6 +144,26 @@ pub enum HotplugConfigError {
     /// The region would not fit in the guest's physical address space.
     #[error("--hotplug-size {0} does not fit in the guest physical address space")]
     TooLarge(u64),
+    /// The region ends above what the guest CPU can address.
+    #[error(
+        "--hotplug-size {size} places the virtio-mem region at [{addr:#x}, {end:#x}), above \
+         what the guest CPU can address ({bits} physical address bits, up to {limit:#x}): the \
+         guest driver could not use it; give --hotplug-size {fit} or less"
+    )]
+    AboveAddressWidth {
+        /// Region size.
+        size: u64,
+        /// Region start.
+        addr: u64,
+        /// Region end (exclusive).
+        end: u64,
+        /// The guest's physical address bits.
+        bits: u8,
+        /// 1 << bits.
+        limit: u64,
+        /// The largest block-aligned region size that fits.
+        fit: u64,
+    },
 }
 
 /// Guest memory block size under 64 GiB of boot RAM on x86-64; 2 GiB above (Linux
@@ -161,6 +181,30 @@ fn memory_block_align(boot_ram: u64) -> u64 {
 const MAX_GPA: u64 = 1 << 46;
 
 impl HotplugConfig {
+    /// Checks that the region at `addr` ends within the guest's `phys_bits`-bit physical
+    /// address space (Linux refuses a device region above it: "could not reserve device
+    /// region").
+    ///
+    /// # Errors
+    ///
+    /// [`HotplugConfigError::AboveAddressWidth`], saying which size would fit.
+    pub fn check_address_width(&self, addr: u64, phys_bits: u8) -> Result<(), HotplugConfigError> {
+        let limit = 1u64.checked_shl(u32::from(phys_bits)).unwrap_or(u64::MAX);
+        let end = addr.saturating_add(self.region_size);
+        if end <= limit {
+            return Ok(());
+        }
+        let room = limit.saturating_sub(addr);
+        Err(HotplugConfigError::AboveAddressWidth {
+            size: self.region_size,
+            addr,
+            end,
+            bits: phys_bits,
+            limit,
+            fit: room - room % self.block_size.max(1),
+        })
+    }
+
     /// Checks the options against each other and the boot RAM; returns the region's guest
     /// address.
     ///
@@ -274,6 +318,34 @@ mod tests {
         );
         let a = cfg(4 << 30, 1 << 30).validate(512 << 20).unwrap();
         assert_eq!(a % (1 << 30), 0);
+    }
+
+    #[test]
+    fn a_region_above_the_guest_address_width_is_refused_with_a_size_that_fits() {
+        let tb = 1u64 << 40;
+        let hp = cfg(tb, 2 << 20);
+        let addr = hp.validate(512 << 20).unwrap();
+        // 40 bits, as the nested test host gives its guests: 1 TiB from 4 GiB ends above.
+        let e = hp.check_address_width(addr, 40).unwrap_err();
+        let HotplugConfigError::AboveAddressWidth {
+            end, limit, fit, ..
+        } = e
+        else {
+            panic!("{e}");
+        };
+        assert_eq!((end, limit, fit), (addr + tb, tb, tb - addr));
+        assert!(e.to_string().contains("40 physical address bits"), "{e}");
+        cfg(fit, 2 << 20).check_address_width(addr, 40).unwrap();
+        hp.check_address_width(addr, 41).unwrap();
+        // Small widths: nothing fits above 4 GiB in 32 bits.
+        let e = cfg(2 << 20, 2 << 20)
+            .check_address_width(addr, 32)
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            HotplugConfigError::AboveAddressWidth { fit: 0, .. }
+        ));
+        cfg(2 << 20, 2 << 20).check_address_width(addr, 64).unwrap();
     }
 
     #[test]

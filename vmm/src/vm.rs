@@ -409,6 +409,15 @@ impl Vm {
     pub fn add_virtio_mem(&mut self, hp: &HotplugConfig) -> Result<MemoryApi, VmError> {
         let hotplug = |e: &dyn std::fmt::Display| VmError::Hotplug(e.to_string());
         let addr = hp.validate(self.mem_size).map_err(|e| hotplug(&e))?;
+        match crate::cpu::guest_phys_bits(&self.kvm).map_err(|e| hotplug(&e))? {
+            Some(bits) => hp
+                .check_address_width(addr, bits)
+                .map_err(|e| hotplug(&e))?,
+            None => warn!(
+                "KVM reports no guest physical address width: cannot check that the guest \
+                 can address the virtio-mem region"
+            ),
+        }
         for w in hp.warnings(self.mem_size) {
             warn!("{w}");
         }
