@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,7 +24,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use log::warn;
 use virtio_mmio::MmioInterrupt;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::serial::SerialDevice;
@@ -36,21 +36,6 @@ pub const DUMP_SIGNAL: libc::c_int = libc::SIGUSR1;
 const KICK_SIGNAL_OFFSET: libc::c_int = 0;
 /// How long the dumper waits for every vCPU to answer.
 const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The eventfd the dump signal's handler writes to (-1 before [`DumpRequests::install`]).
-static DUMP_EVENTFD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_dump_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let fd = DUMP_EVENTFD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and fd is a
-        // descriptor of an eventfd that is never closed (DumpRequests::install gives up
-        // ownership of it with into_raw_fd), so it cannot name another file. A failed
-        // write only loses this one request.
-        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
-    }
-}
 
 extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Nothing: its only job is to make KVM_RUN return EINTR.
@@ -152,6 +137,38 @@ impl Dumper {
     pub fn set_threads(&self, threads: Vec<JoinHandle<()>>) {
         let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         *t = threads;
+    }
+
+    /// Takes the vCPU threads out of the guest once the VM's exit is requested (their run
+    /// loop then returns): kicks each until it has ended, at most `timeout`, and joins
+    /// those that did. Returns how many are still running. A kick that lands just before
+    /// a thread enters KVM_RUN is lost, hence the repeated kicks.
+    pub fn stop_vcpus(&self, timeout: Duration) -> usize {
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (done, running): (Vec<_>, Vec<_>) =
+                threads.drain(..).partition(JoinHandle::is_finished);
+            *threads = running;
+            for t in done {
+                if t.join().is_err() {
+                    warn!("a vCPU thread panicked");
+                }
+            }
+            if threads.is_empty() || Instant::now() >= deadline {
+                return threads.len();
+            }
+            for t in threads.iter() {
+                // SAFETY: the id comes from a JoinHandle that `threads` (locked here)
+                // holds: the thread is neither joined nor detached, so the id is valid
+                // even if the thread has just ended (then pthread_kill reports ESRCH). The
+                // kick signal has a no-op handler (the caller installed it with
+                // install_kick_handler before starting the threads), so it only
+                // interrupts KVM_RUN.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Collects the whole dump as lines (without the `vmm-dump:` prefix).
@@ -432,12 +449,7 @@ impl DumpRequests {
     ///
     /// The eventfd or the signal handler cannot be set up.
     pub fn install(dumper: Arc<Dumper>) -> std::io::Result<Self> {
-        let evt = EventFd::new(EFD_NONBLOCK)?;
-        // A restarted VMM (same process after a guest reboot re-executes itself) sets it
-        // again; the previous eventfd went with the previous image.
-        DUMP_EVENTFD.store(std::os::fd::AsRawFd::as_raw_fd(&evt), Ordering::SeqCst);
-        register_signal_handler(DUMP_SIGNAL, on_dump_signal)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let evt = crate::signals::signal_eventfd(DUMP_SIGNAL)?;
         Ok(Self { evt, dumper })
     }
 }

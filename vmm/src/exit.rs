@@ -16,13 +16,15 @@ pub enum ExitReason {
     Reboot,
     /// Something failed: a vCPU error, a KVM failure, or an event loop failure.
     Error(String),
+    /// The operator stopped the VMM with this signal (SIGTERM or SIGINT).
+    Signal(libc::c_int),
 }
 
 impl ExitReason {
-    /// The process exit status: 0 poweroff, 2 reboot, 1 error.
+    /// The process exit status: 0 poweroff or stopped by a signal, 2 reboot, 1 error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::Poweroff => 0,
+            ExitReason::Poweroff | ExitReason::Signal(_) => 0,
             ExitReason::Reboot => 2,
             ExitReason::Error(_) => 1,
         }
@@ -35,6 +37,14 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Poweroff => write!(f, "guest powered off"),
             ExitReason::Reboot => write!(f, "guest requested a reboot"),
             ExitReason::Error(e) => write!(f, "error: {e}"),
+            ExitReason::Signal(s) => {
+                let name = match *s {
+                    libc::SIGTERM => "SIGTERM",
+                    libc::SIGINT => "SIGINT",
+                    _ => "a signal",
+                };
+                write!(f, "stopped by {name} ({s})")
+            }
         }
     }
 }

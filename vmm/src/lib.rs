@@ -21,5 +21,6 @@ pub mod hotplug;
 pub mod layout;
 pub mod memhp;
 pub mod memory;
+pub mod signals;
 pub mod terminal;
 pub mod vm;

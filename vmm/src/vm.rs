@@ -539,6 +539,10 @@ impl Vm {
                 false
             }
         };
+        match crate::signals::StopRequests::install(self.exit.clone()) {
+            Ok(sub) => self.add_subscriber(Arc::new(Mutex::new(sub))),
+            Err(e) => warn!("SIGTERM and SIGINT keep their default action (no clean stop): {e}"),
+        }
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let (io, mmio, exit) = (
@@ -564,10 +568,24 @@ impl Vm {
                 break ExitReason::Error(format!("event loop: {e:?}"));
             }
         };
-        // vCPU threads still in KVM_RUN are left to the process exit: the guest is done.
+        if !self.exit.requested() {
+            self.exit.request(reason.clone());
+        }
+        // The exit is requested (now for sure): vCPUs still in the guest are
+        // kicked out so that they touch no device while the VM is torn down. Without the
+        // kick handler they cannot be, and are left to the process exit.
+        if dump_ready {
+            let left = dumper.stop_vcpus(VCPU_STOP_TIMEOUT);
+            if left > 0 {
+                warn!("{left} vCPUs did not leave the guest within {VCPU_STOP_TIMEOUT:?}");
+            }
+        }
         Ok(reason)
     }
 }
+
+/// How long `Vm::run` waits for the vCPUs to leave the guest once the VM stops.
+const VCPU_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Boots `cfg` and runs it to the end.
 ///

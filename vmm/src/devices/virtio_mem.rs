@@ -18,6 +18,7 @@ use log::{error, info, warn};
 use virtio_mem::{VirtioMem, VirtioMemError};
 use virtio_mmio::{ActivateError, Activation, InterruptKind, VirtioDevice, VirtioInterrupt};
 use vmm_api::{MemoryControl, MemoryStatus, ResizeError};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::hotplug::HotplugMemory;
@@ -133,45 +134,65 @@ impl Drop for VirtioMemDevice {
     }
 }
 
-/// What ended a [`wait`].
-#[derive(Debug, PartialEq, Eq)]
+/// What ended a wait of the request thread, most urgent first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Wake {
-    Notify,
-    ReleaseTimer,
-    Stop,
+    Stop = 0,
+    Notify = 1,
+    ReleaseTimer = 2,
 }
 
-/// Waits until `stop`, `notify` or the slot release timer is readable.
-fn wait(notify: &EventFd, stop: &EventFd, release_timer: RawFd) -> Wake {
-    let pollfd = |fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let mut fds = [
-        pollfd(stop.as_raw_fd()),
-        pollfd(notify.as_raw_fd()),
-        pollfd(release_timer),
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of three pollfd structures that outlives the
-        // call, and its length is passed alongside it.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            error!("virtio-mem: poll failed: {e}");
-            return Wake::Stop;
+impl Wake {
+    fn from_token(token: u64) -> Wake {
+        match token {
+            1 => Wake::Notify,
+            2 => Wake::ReleaseTimer,
+            _ => Wake::Stop,
         }
-        return if fds[0].revents != 0 {
-            Wake::Stop
-        } else if fds[1].revents != 0 {
-            Wake::Notify
-        } else {
-            Wake::ReleaseTimer
-        };
+    }
+}
+
+/// What the request thread waits on: the stop eventfd, the queue notification and the
+/// slot release timer.
+struct Waiter {
+    epoll: Epoll,
+}
+
+impl Waiter {
+    fn new(notify: &EventFd, stop: &EventFd, release_timer: RawFd) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        for (fd, wake) in [
+            (stop.as_raw_fd(), Wake::Stop),
+            (notify.as_raw_fd(), Wake::Notify),
+            (release_timer, Wake::ReleaseTimer),
+        ] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, wake as u64),
+            )?;
+        }
+        Ok(Waiter { epoll })
+    }
+
+    /// Blocks until one is readable; a stop wins over the others.
+    fn wait(&self) -> Wake {
+        let mut events = [EpollEvent::default(); 3];
+        loop {
+            match self.epoll.wait(-1, &mut events) {
+                Ok(n) => {
+                    let ready = events.iter().take(n).map(EpollEvent::data);
+                    if let Some(w) = ready.map(Wake::from_token).min() {
+                        return w;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    error!("virtio-mem: waiting for requests failed, stopping: {e}");
+                    return Wake::Stop;
+                }
+            }
+        }
     }
 }
 
@@ -207,8 +228,15 @@ fn serve(
 ) {
     // Open as long as the HotplugMemory lives, which this thread keeps alive.
     let release_timer = lock_hotplug(&hotplug).release_timer();
+    let waiter = match Waiter::new(&notify, &stop, release_timer) {
+        Ok(w) => w,
+        Err(e) => {
+            error!("virtio-mem: cannot wait for requests, the device stays silent: {e}");
+            return;
+        }
+    };
     loop {
-        match wait(&notify, &stop, release_timer) {
+        match waiter.wait() {
             Wake::Stop => break,
             Wake::ReleaseTimer => {
                 lock_hotplug(&hotplug).on_release_timer();
