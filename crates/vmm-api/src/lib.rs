@@ -18,7 +18,7 @@ mod server;
 
 pub mod client;
 
-pub use server::{ApiServer, ApiServerError};
+pub use server::{answer, ApiServer, ApiServerError};
 
 use serde::{Deserialize, Serialize};
 

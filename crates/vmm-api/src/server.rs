@@ -238,15 +238,27 @@ fn error_json(message: &str) -> String {
     serde_json::json!({ "error": message }).to_string()
 }
 
-/// Serves one connection: read, route, answer. Never panics on client input.
-fn serve(stream: &mut UnixStream, control: &dyn MemoryControl) {
-    let (status, body) = match read_request(stream) {
-        Ok(req) => route(&req, control),
-        Err(ReadError::Refuse(r)) => (r.status, error_json(&r.message)),
+/// Reads one request from `stream` and acts on it: the status and JSON body to answer,
+/// or `None` when the client went away first. Never panics on client input (the fuzz
+/// target `crates/vmm-api/fuzz` feeds it arbitrary bytes).
+pub fn answer<S: Read + io::Write>(
+    stream: &mut S,
+    control: &dyn MemoryControl,
+) -> Option<(u16, String)> {
+    match read_request(stream) {
+        Ok(req) => Some(route(&req, control)),
+        Err(ReadError::Refuse(r)) => Some((r.status, error_json(&r.message))),
         Err(ReadError::Io(e)) => {
             debug!("API: client went away: {e}");
-            return;
+            None
         }
+    }
+}
+
+/// Serves one connection: read, route, answer.
+fn serve(stream: &mut UnixStream, control: &dyn MemoryControl) {
+    let Some((status, body)) = answer(stream, control) else {
+        return;
     };
     if let Err(e) = write_response(stream, status, &body) {
         debug!("API: cannot answer: {e}");

@@ -1,7 +1,8 @@
 //! Fuzzes the queue processor: random descriptor chains, request bytes, resizes and
 //! resets. Panics (= findings) on any crash or broken invariant.
 //!
-//! Run: `cd crates/virtio-mem/fuzz && cargo +nightly fuzz run queue seeds`
+//! Run: `ci/fuzz queue [SECONDS]` (new inputs go to `corpus/queue`, which git ignores;
+//! `seeds` is only read).
 
 #![no_main]
 
