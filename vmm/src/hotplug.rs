@@ -127,12 +127,24 @@ impl std::fmt::Debug for HotplugMemory {
     }
 }
 
+/// A failure that retrying will not mend (a refused memslot, a range outside the region,
+/// a device map that cannot be built).
 fn backend_error(op: &'static str, addr: u64, len: u64, e: impl ToString) -> BackendError {
     BackendError {
         op,
         addr,
         len,
         reason: e.to_string(),
+        transient: false,
+    }
+}
+
+/// A failure of the region itself: transient when memory-backend says so (out of memory,
+/// an empty hugetlb pool, a poisoned page).
+fn region_error(op: &'static str, addr: u64, len: u64, e: &MemoryBackendError) -> BackendError {
+    BackendError {
+        transient: e.is_transient(),
+        ..backend_error(op, addr, len, e)
     }
 }
 
@@ -381,7 +393,7 @@ impl BlockBackend for HotplugMemory {
         let t = std::time::Instant::now();
         self.region
             .plug(offset, len)
-            .map_err(|e: MemoryBackendError| backend_error("plug", gpa, len, e))?;
+            .map_err(|e| region_error("plug", gpa, len, &e))?;
         debug!(
             "virtio-mem: plugged {len:#x} at {gpa:#x}, host memory ready in {:?}",
             t.elapsed()
@@ -429,17 +441,23 @@ impl BlockBackend for HotplugMemory {
         // Devices stop seeing the range, and the views that still show it end, before
         // the host takes it away.
         self.remove_run(gpa, len);
-        let unseen = self.publish().and_then(|generation| {
-            self.mem
+        let unseen = match self.publish() {
+            Ok(generation) => self
+                .mem
                 .wait_for_older_snapshots(generation, SNAPSHOT_WAIT)
-                .map_err(|e| e.to_string())
-        });
+                .map_err(|e| BackendError {
+                    // The views end with their round of work: the next try may pass.
+                    transient: true,
+                    ..backend_error("unplug", gpa, len, e)
+                }),
+            Err(e) => Err(backend_error("unplug", gpa, len, e)),
+        };
         if let Err(e) = unseen {
             self.insert_run(gpa, len);
             if let Err(e) = self.publish() {
                 log::error!("virtio-mem: cannot restore the devices' guest memory map: {e}");
             }
-            return Err(backend_error("unplug", gpa, len, e));
+            return Err(e);
         }
         let t = std::time::Instant::now();
         if let Err(e) = self.region.unplug(offset, len) {
@@ -447,7 +465,7 @@ impl BlockBackend for HotplugMemory {
             if let Err(e) = self.publish() {
                 log::error!("virtio-mem: cannot restore the devices' guest memory map: {e}");
             }
-            return Err(backend_error("unplug", gpa, len, e));
+            return Err(region_error("unplug", gpa, len, &e));
         }
         for (idx, _, chunk) in self.slot_overlaps(offset, len) {
             self.slot_plugged[idx] = self.slot_plugged[idx].saturating_sub(chunk);

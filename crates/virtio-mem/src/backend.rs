@@ -9,9 +9,12 @@ use std::io;
 
 /// A failure of the host to change the state of blocks.
 ///
-/// Every backend failure is transient from the guest's point of view: the device answers
-/// BUSY, leaves the block bitmap unchanged for the failed range, and the driver retries
-/// later (or sooner, on a configuration change).
+/// The device answers BUSY to either kind and leaves the block bitmap unchanged for the
+/// failed range; the driver retries later (or sooner, on a configuration change). A
+/// transient failure (out of memory, an empty hugetlb pool) may pass; a permanent one (a
+/// refused KVM memslot, a broken backing) will not, so the device logs it once and keeps
+/// it for the operator ([`crate::MemState::host_error`]) instead of letting the guest
+/// retry unseen.
 #[derive(Debug, thiserror::Error)]
 #[error("host could not {op} guest range [{addr:#x}, {addr:#x} + {len:#x}): {reason}")]
 pub struct BackendError {
@@ -23,6 +26,8 @@ pub struct BackendError {
     pub len: u64,
     /// Why it failed, for the operator (e.g. "out of memory", "hugetlb pool empty").
     pub reason: String,
+    /// Whether retrying later may succeed.
+    pub transient: bool,
 }
 
 /// Host memory behind the device's blocks.
@@ -75,6 +80,7 @@ fn locked<'a, B>(
         addr,
         len,
         reason: "the memory backend failed earlier (a VMM bug, see the log); restart the VM".into(),
+        transient: false,
     })
 }
 

@@ -14,11 +14,13 @@
 
 use std::ops::Range;
 
-use log::{debug, info, warn};
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
 
 use crate::backend::{BackendError, BlockBackend};
 use crate::bitmap::BlockBitmap;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RateLimit};
 use crate::wire::{
     BlockState, ConfigSpace, Request, Response, VIRTIO_F_VERSION_1, VIRTIO_MEM_F_ACPI_PXM,
     VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
@@ -208,6 +210,10 @@ pub struct MemState<B> {
     metrics: Metrics,
     /// A [`HostWork`] was prepared and is not committed yet.
     work_in_flight: bool,
+    /// The last permanent host failure, until host work succeeds again.
+    host_error: Option<String>,
+    /// BUSY answers can come once per guest retry: their log lines are rate-limited.
+    busy_log: RateLimit,
 }
 
 /// The result of [`MemState::prepare`].
@@ -299,6 +305,8 @@ impl<B: BlockBackend> MemState<B> {
             config_generation: 0,
             metrics: Metrics::default(),
             work_in_flight: false,
+            host_error: None,
+            busy_log: RateLimit::new(Duration::from_secs(10), 5),
             cfg,
         };
         state.usable_region_size = state.usable_target();
@@ -563,6 +571,9 @@ impl<B: BlockBackend> MemState<B> {
     /// failed, so `plugged_size` always matches the host) and answers the request.
     pub fn commit(&mut self, work: HostWork) -> Response {
         self.work_in_flight = false;
+        if work.done > 0 && self.host_error.take().is_some() {
+            info!("virtio-mem: host memory works again");
+        }
         for run in &work.runs[..work.done] {
             self.bitmap.set_range(run.blocks.clone(), !work.unplug);
             self.bump_generation();
@@ -623,8 +634,28 @@ impl<B: BlockBackend> MemState<B> {
 
     fn backend_failed(&mut self, e: BackendError) -> Response {
         self.metrics.backend_failures += 1;
-        warn!("virtio-mem: answering BUSY: {e}");
+        if e.transient {
+            if let Some(dropped) = self.busy_log.allow() {
+                warn!("virtio-mem: answering BUSY: {e} ({dropped} similar messages suppressed)");
+            }
+        } else {
+            let text = e.to_string();
+            if self.host_error.as_deref() != Some(text.as_str()) {
+                error!(
+                    "virtio-mem: answering BUSY to a host failure that retrying will not \
+                     mend: {text}; the guest keeps retrying until it is fixed (shown as \
+                     host_error by GET /v1/memory)"
+                );
+                self.host_error = Some(text);
+            }
+        }
         Response::Busy
+    }
+
+    /// The last host failure that retrying will not mend, until host work succeeds again:
+    /// what an operator must fix while the guest is answered BUSY.
+    pub fn host_error(&self) -> Option<&str> {
+        self.host_error.as_deref()
     }
 
     /// Device reset (driver re-probe, kdump kernel): forgets the negotiated features but
@@ -765,6 +796,46 @@ mod tests {
             Some(BlockState::Plugged),
             "the failed run stays plugged"
         );
+    }
+
+    /// Plugs fail permanently while `broken`.
+    struct Broken(bool);
+
+    impl BlockBackend for Broken {
+        fn plug(&mut self, addr: u64, len: u64) -> Result<(), BackendError> {
+            if self.0 {
+                return Err(BackendError {
+                    op: "plug",
+                    addr,
+                    len,
+                    reason: "KVM memslot: invalid argument".into(),
+                    transient: false,
+                });
+            }
+            Ok(())
+        }
+        fn unplug(&mut self, _addr: u64, _len: u64) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_permanent_host_failure_is_kept_for_the_operator_until_host_work_succeeds() {
+        let mut s =
+            MemState::new(DeviceConfig::new(BASE, 64 * BLOCK, BLOCK), Broken(true)).unwrap();
+        s.set_requested_size(8 * BLOCK).unwrap();
+        assert_eq!(s.handle(plug(BASE, 1)), Response::Busy);
+        assert_eq!(s.handle(plug(BASE, 1)), Response::Busy);
+        assert!(s.host_error().is_some_and(|e| e.contains("KVM memslot")));
+        assert_eq!(s.metrics().backend_failures, 2);
+        s.backend_mut().0 = false;
+        assert_eq!(s.handle(plug(BASE, 1)), Response::Ack(None));
+        assert_eq!(s.host_error(), None);
+        // Transient failures are not kept: they may pass by themselves.
+        let mut t = state();
+        t.backend_mut().fail_plugs = 1;
+        assert_eq!(t.handle(plug(BASE, 1)), Response::Busy);
+        assert_eq!(t.host_error(), None);
     }
 
     /// Fails every unplug after the first.

@@ -66,6 +66,7 @@ impl RecordingBackend {
                 addr,
                 len,
                 reason: "injected failure".into(),
+                transient: true,
             });
         }
         Ok(())

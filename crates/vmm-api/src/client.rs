@@ -92,7 +92,7 @@ impl MemoryStatus {
     /// One `key=value` line per figure, for scripts and grep.
     pub fn to_lines(&self) -> String {
         format!(
-            "region_addr={:#x}\nregion_size={}\nblock_size={}\nusable_region_size={}\nplugged_size={}\nrequested_size={}\nhost_resident_bytes={}\nhost_resident_age_ms={}\n",
+            "region_addr={:#x}\nregion_size={}\nblock_size={}\nusable_region_size={}\nplugged_size={}\nrequested_size={}\nhost_resident_bytes={}\nhost_resident_age_ms={}\nhost_error={}\n",
             self.region_addr,
             self.region_size,
             self.block_size,
@@ -100,7 +100,8 @@ impl MemoryStatus {
             self.plugged_size,
             self.requested_size,
             self.host_resident_bytes,
-            self.host_resident_age_ms
+            self.host_resident_age_ms,
+            self.host_error.as_deref().unwrap_or("none")
         )
     }
 }

@@ -23,7 +23,7 @@ pub use server::{answer, ApiServer, ApiServerError};
 use serde::{Deserialize, Serialize};
 
 /// The memory figures `GET /v1/memory` reports, in bytes unless named otherwise.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryStatus {
     /// Guest-physical start of the virtio-mem region.
     pub region_addr: u64,
@@ -45,6 +45,10 @@ pub struct MemoryStatus {
     /// finds it older than a second).
     #[serde(default)]
     pub host_resident_age_ms: u64,
+    /// A host failure that retrying will not mend (the guest is answered BUSY until it is
+    /// fixed): what the operator must look at. `null` while host memory works.
+    #[serde(default)]
+    pub host_error: Option<String>,
 }
 
 /// The body of `PUT /v1/memory`.

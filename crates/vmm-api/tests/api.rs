@@ -21,7 +21,7 @@ struct Fake {
 
 impl MemoryControl for Fake {
     fn status(&self) -> MemoryStatus {
-        *self.status.lock().unwrap()
+        self.status.lock().unwrap().clone()
     }
 
     fn resize(&self, size: u64) -> Result<MemoryStatus, ResizeError> {
@@ -40,7 +40,7 @@ impl MemoryControl for Fake {
         self.resizes.lock().unwrap().push(size);
         let mut s = self.status.lock().unwrap();
         s.requested_size = size;
-        Ok(*s)
+        Ok(s.clone())
     }
 }
 
@@ -134,6 +134,7 @@ fn get_reports_every_figure() {
         "requested_size",
         "host_resident_bytes",
         "host_resident_age_ms",
+        "host_error",
     ] {
         assert!(v.get(key).is_some(), "missing {key} in {body}");
     }

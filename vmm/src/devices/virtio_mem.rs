@@ -413,6 +413,7 @@ impl MemoryControl for MemoryApi {
             requested_size: s.requested_size(),
             host_resident_bytes: 0,
             host_resident_age_ms: 0,
+            host_error: s.host_error().map(str::to_string),
         };
         drop(dev);
         (status.host_resident_bytes, status.host_resident_age_ms) = self.resident.get();

@@ -21,7 +21,7 @@ struct Model(Mutex<MemoryStatus>);
 
 impl MemoryControl for Model {
     fn status(&self) -> MemoryStatus {
-        *self.0.lock().expect("model lock")
+        self.0.lock().expect("model lock").clone()
     }
 
     fn resize(&self, size: u64) -> Result<MemoryStatus, ResizeError> {
@@ -39,7 +39,7 @@ impl MemoryControl for Model {
         }
         let mut s = self.0.lock().expect("model lock");
         s.requested_size = size;
-        Ok(*s)
+        Ok(s.clone())
     }
 }
 
@@ -72,7 +72,7 @@ fuzz_target!(|data: &[u8]| {
         usable_region_size: REGION,
         ..MemoryStatus::default()
     };
-    let model = Model(Mutex::new(before));
+    let model = Model(Mutex::new(before.clone()));
     let mut conn = Conn {
         input: data,
         written: Vec::new(),
