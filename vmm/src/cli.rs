@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::memhp::{guest_cmdline, BackingArg, GuestOnline, HotplugConfig};
+use crate::memhp::{guest_cmdline, BackingArg, GuestOnline, HotplugConfig, Populate};
 use crate::vm::VmConfig;
 
 /// A KVM VMM that boots Linux with virtio-mmio devices announced through ACPI.
@@ -97,9 +97,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "anon", value_parser = BackingArg::parse)]
     pub backing: BackingArg,
     /// Fault hotplugged memory in (in parallel) when the guest plugs it, instead of on
-    /// first touch.
-    #[arg(long)]
-    pub populate: bool,
+    /// first touch: on, off, or auto (on for backings that can run short at fault time,
+    /// hugetlb and files, so a shortage answers the plug BUSY instead of stopping the
+    /// guest later). `--populate` alone means on.
+    #[arg(long, value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
+    pub populate: Populate,
     /// Serve the memory API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
@@ -239,7 +241,7 @@ impl RunArgs {
             block_size: self.block_size.unwrap_or_else(default_block_size),
             requested_size: self.requested_size,
             backing: self.backing.clone(),
-            populate: self.populate,
+            populate: self.populate.resolve(&self.backing),
         });
         if hotplug.is_none() && self.requested_size > 0 {
             return Err(CliError::NoHotplugRegion);

@@ -94,6 +94,33 @@ impl BackingArg {
     }
 }
 
+/// Whether plugged memory is faulted in when it is plugged (`--populate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Populate {
+    /// Always.
+    On,
+    /// Never: memory is faulted in when the guest first touches it.
+    Off,
+    /// For backings that can run short when the guest touches the memory: hugetlb (an
+    /// empty or small pool is a SIGBUS at fault time, which stops the guest) and files (a
+    /// full file system, the same). Anonymous memory and memfds are left to first touch.
+    Auto,
+}
+
+impl Populate {
+    /// On or off for `backing`.
+    pub fn resolve(self, backing: &BackingArg) -> bool {
+        match self {
+            Populate::On => true,
+            Populate::Off => false,
+            Populate::Auto => matches!(
+                backing,
+                BackingArg::Hugetlb2M | BackingArg::Hugetlb1G | BackingArg::File(_)
+            ),
+        }
+    }
+}
+
 /// The virtio-mem part of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HotplugConfig {
@@ -318,6 +345,22 @@ mod tests {
         );
         let a = cfg(4 << 30, 1 << 30).validate(512 << 20).unwrap();
         assert_eq!(a % (1 << 30), 0);
+    }
+
+    #[test]
+    fn populate_auto_is_on_where_a_fault_could_find_no_memory() {
+        let file = BackingArg::File(PathBuf::from("/dev/shm/x"));
+        for (backing, auto) in [
+            (BackingArg::Anon, false),
+            (BackingArg::Memfd, false),
+            (BackingArg::Hugetlb2M, true),
+            (BackingArg::Hugetlb1G, true),
+            (file, true),
+        ] {
+            assert_eq!(Populate::Auto.resolve(&backing), auto, "{backing:?}");
+            assert!(Populate::On.resolve(&backing));
+            assert!(!Populate::Off.resolve(&backing));
+        }
     }
 
     #[test]

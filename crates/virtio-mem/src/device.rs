@@ -210,7 +210,7 @@ pub struct MemState<B> {
     metrics: Metrics,
     /// A [`HostWork`] was prepared and is not committed yet.
     work_in_flight: bool,
-    /// The last permanent host failure, until host work succeeds again.
+    /// The last host failure, until host work succeeds again.
     host_error: Option<String>,
     /// BUSY answers can come once per guest retry: their log lines are rate-limited.
     busy_log: RateLimit,
@@ -634,26 +634,24 @@ impl<B: BlockBackend> MemState<B> {
 
     fn backend_failed(&mut self, e: BackendError) -> Response {
         self.metrics.backend_failures += 1;
+        let text = e.to_string();
         if e.transient {
             if let Some(dropped) = self.busy_log.allow() {
-                warn!("virtio-mem: answering BUSY: {e} ({dropped} similar messages suppressed)");
+                warn!("virtio-mem: answering BUSY: {text} ({dropped} similar messages suppressed)");
             }
-        } else {
-            let text = e.to_string();
-            if self.host_error.as_deref() != Some(text.as_str()) {
-                error!(
-                    "virtio-mem: answering BUSY to a host failure that retrying will not \
-                     mend: {text}; the guest keeps retrying until it is fixed (shown as \
-                     host_error by GET /v1/memory)"
-                );
-                self.host_error = Some(text);
-            }
+        } else if self.host_error.as_deref() != Some(text.as_str()) {
+            error!(
+                "virtio-mem: answering BUSY to a host failure that retrying will not mend: \
+                 {text}; the guest keeps retrying until it is fixed (shown as host_error by \
+                 GET /v1/memory)"
+            );
         }
+        self.host_error = Some(text);
         Response::Busy
     }
 
-    /// The last host failure that retrying will not mend, until host work succeeds again:
-    /// what an operator must fix while the guest is answered BUSY.
+    /// The last host failure, until host work succeeds again: why the guest is answered
+    /// BUSY (a short hugetlb pool, a refused memslot), for the operator.
     pub fn host_error(&self) -> Option<&str> {
         self.host_error.as_deref()
     }
@@ -820,7 +818,7 @@ mod tests {
     }
 
     #[test]
-    fn a_permanent_host_failure_is_kept_for_the_operator_until_host_work_succeeds() {
+    fn a_host_failure_is_kept_for_the_operator_until_host_work_succeeds() {
         let mut s =
             MemState::new(DeviceConfig::new(BASE, 64 * BLOCK, BLOCK), Broken(true)).unwrap();
         s.set_requested_size(8 * BLOCK).unwrap();
@@ -831,10 +829,12 @@ mod tests {
         s.backend_mut().0 = false;
         assert_eq!(s.handle(plug(BASE, 1)), Response::Ack(None));
         assert_eq!(s.host_error(), None);
-        // Transient failures are not kept: they may pass by themselves.
+        // Transient failures are shown too (a short hugetlb pool), and go the same way.
         let mut t = state();
         t.backend_mut().fail_plugs = 1;
         assert_eq!(t.handle(plug(BASE, 1)), Response::Busy);
+        assert!(t.host_error().is_some_and(|e| e.contains("injected")));
+        assert_eq!(t.handle(plug(BASE, 1)), Response::Ack(None));
         assert_eq!(t.host_error(), None);
     }
 

@@ -45,8 +45,8 @@ pub struct MemoryStatus {
     /// finds it older than a second).
     #[serde(default)]
     pub host_resident_age_ms: u64,
-    /// A host failure that retrying will not mend (the guest is answered BUSY until it is
-    /// fixed): what the operator must look at. `null` while host memory works.
+    /// The last host failure (e.g. an empty hugetlb pool, a refused KVM memslot) while the
+    /// guest's requests are answered BUSY; `null` once host memory works again.
     #[serde(default)]
     pub host_error: Option<String>,
 }
