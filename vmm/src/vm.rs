@@ -421,18 +421,32 @@ impl Vm {
         for w in hp.warnings(self.mem_size) {
             warn!("{w}");
         }
+        let slot_size = hp.slot_size(self.mem_size);
+        let nr_slots = hp.region_size.div_ceil(slot_size);
+        let first_slot = self.slots.next_free();
+        // Slots below the first are boot RAM's.
+        let boot_slots = u64::from(first_slot);
+        let kvm_slots = u64::try_from(self.kvm.get_nr_memslots()).unwrap_or(0);
+        if boot_slots.saturating_add(nr_slots) > kvm_slots {
+            return Err(VmError::Hotplug(format!(
+                "--hotplug-size {} needs {nr_slots} KVM memory slots of {slot_size:#x} bytes \
+                 (plus {boot_slots} for boot RAM), but KVM offers {kvm_slots}: give a \
+                 --hotplug-size of at most {:#x}",
+                hp.region_size,
+                kvm_slots
+                    .saturating_sub(boot_slots)
+                    .saturating_mul(slot_size)
+            )));
+        }
+        for _ in 1..nr_slots {
+            self.slots.next_free();
+        }
         let mut rcfg =
             RegionConfig::new(hp.region_size, hp.block_size).with_backing(hp.backing.backing());
         if hp.populate {
             rcfg = rcfg.with_populate(PopulateOptions::default());
         }
         let region = Arc::new(MemoryRegion::new(rcfg).map_err(|e| hotplug(&e))?);
-        let slot_size = hp.slot_size(self.mem_size);
-        let nr_slots = hp.region_size.div_ceil(slot_size);
-        let first_slot = self.slots.next_free();
-        for _ in 1..nr_slots {
-            self.slots.next_free();
-        }
         crate::hotplug::log_layout(addr, hp.region_size, hp.block_size, slot_size);
         let memslots: Arc<dyn Memslots> = self.vm.clone();
         let backend = HotplugMemory::new(

@@ -278,3 +278,29 @@ fn sigterm_stops_the_vmm_cleanly() {
 fn sigint_stops_the_vmm_cleanly() {
     stops_cleanly_on(libc::SIGINT, "SIGINT");
 }
+
+#[test]
+#[ignore = "needs /dev/kvm: run by ci/host-tests where it exists"]
+fn a_region_needing_more_kvm_slots_than_kvm_has_is_refused_before_reserving_it() {
+    require_kvm();
+    let mut vm = Vm::new(1, 64 << 20, Box::new(Sink::default())).unwrap();
+    // 128 MiB slots (the memory block size for this boot RAM): one more than KVM has.
+    let kvm_slots = u64::try_from(kvm_ioctls::Kvm::new().unwrap().get_nr_memslots()).unwrap();
+    let hp = vmm::memhp::HotplugConfig {
+        region_size: (kvm_slots + 1) * (128 << 20),
+        block_size: 2 << 20,
+        requested_size: 0,
+        backing: vmm::memhp::BackingArg::Anon,
+        populate: false,
+    };
+    let e = vm.add_virtio_mem(&hp).err().unwrap().to_string();
+    assert!(
+        e.contains("KVM memory slots") && e.contains("at most"),
+        "{e}"
+    );
+    let fits = vmm::memhp::HotplugConfig {
+        region_size: 1 << 30,
+        ..hp
+    };
+    vm.add_virtio_mem(&fits).unwrap();
+}
