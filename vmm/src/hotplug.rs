@@ -24,7 +24,10 @@ use std::time::Duration;
 use log::{debug, info};
 use memory_backend::{MemoryBackendError, MemoryRegion};
 use virtio_mem::{BackendError, BlockBackend};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::memory::GuestMemoryHandle;
@@ -109,7 +112,10 @@ pub struct HotplugMemory {
     slot_registered: Vec<bool>,
     memslots: Arc<dyn Memslots>,
     mem: GuestMemoryHandle,
-    boot: GuestMemoryMmap,
+    /// Boot RAM's regions, first in every published map.
+    boot: Vec<Arc<GuestRegionMmap>>,
+    /// Most plugged runs allowed: see [`HotplugMemory::max_runs`].
+    max_runs: usize,
     /// Plugged runs: guest start -> length, merged when adjacent.
     plugged: BTreeMap<u64, u64>,
     /// Expires [`SLOT_RELEASE_QUIET`] after the last plug or unplug that left idle slots.
@@ -176,7 +182,7 @@ impl HotplugMemory {
             .ok()
             .filter(|n| first_slot.checked_add(*n).is_some())
             .ok_or_else(|| HotplugError::Layout(format!("{nr_slots} slots are too many")))?;
-        let boot = mem.memory().deref().clone();
+        let boot = boot_regions(mem.memory().deref())?;
         Ok(HotplugMemory {
             region,
             region_addr,
@@ -187,6 +193,7 @@ impl HotplugMemory {
             memslots,
             mem,
             boot,
+            max_runs: default_max_runs(),
             plugged: BTreeMap::new(),
             release_timer: TimerFd::new().map_err(|e| HotplugError::Timer(e.into()))?,
         })
@@ -350,7 +357,8 @@ impl HotplugMemory {
     /// Publishes boot RAM plus the plugged runs as the devices' guest memory; returns the
     /// map's generation.
     fn publish(&self) -> Result<u64, String> {
-        let mut map = self.boot.clone();
+        let mut regions = self.boot.clone();
+        regions.reserve(self.plugged.len());
         for (&gpa, &len) in &self.plugged {
             let offset = gpa - self.region_addr;
             let host = self.region.host_addr().wrapping_add(to_usize(offset));
@@ -373,11 +381,75 @@ impl HotplugMemory {
             .map_err(|e| e.to_string())?;
             let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
                 .ok_or_else(|| format!("run at {gpa:#x} overflows the address space"))?;
-            map = map
-                .insert_region(Arc::new(region))
-                .map_err(|e| e.to_string())?;
+            regions.push(Arc::new(region));
         }
+        // Boot RAM lies below the region and the runs come in address order: one sorted
+        // vector, built in one pass (inserting run by run was quadratic in the runs).
+        let map = GuestMemoryMmap::from_arc_regions(regions).map_err(|e| e.to_string())?;
         Ok(self.mem.publish(map))
+    }
+
+    /// Most runs of plugged memory allowed. Every run boundary inside a registered slot is
+    /// a protection change, so a memory mapping of the process: a guest that plugged
+    /// every other block of a large region would otherwise exhaust `vm.max_map_count`,
+    /// after which every mmap of the VMM fails. A plug or unplug that would split plugged
+    /// memory into more runs is answered BUSY (and shown as the host error) instead.
+    pub fn max_runs(&self) -> usize {
+        self.max_runs
+    }
+
+    /// Sets [`HotplugMemory::max_runs`] (default: a quarter of `vm.max_map_count`).
+    pub fn set_max_runs(&mut self, max_runs: usize) {
+        self.max_runs = max_runs.max(1);
+    }
+
+    /// Plugged runs now.
+    pub fn runs(&self) -> usize {
+        self.plugged.len()
+    }
+
+    fn runs_after_plug(&self, gpa: u64, len: u64) -> usize {
+        let joins_prev = self
+            .plugged
+            .range(..gpa)
+            .next_back()
+            .is_some_and(|(&s, &l)| s + l == gpa);
+        let joins_next = self.plugged.contains_key(&(gpa + len));
+        (self.plugged.len() + 1) - usize::from(joins_prev) - usize::from(joins_next)
+    }
+
+    fn runs_after_unplug(&self, gpa: u64, len: u64) -> usize {
+        let Some((&s, &l)) = self.plugged.range(..=gpa).next_back() else {
+            return self.plugged.len();
+        };
+        let (left, right) = (s < gpa, gpa + len < s + l);
+        (self.plugged.len() + usize::from(left && right)) - usize::from(!left && !right)
+    }
+
+    fn check_runs(
+        &self,
+        op: &'static str,
+        gpa: u64,
+        len: u64,
+        after: usize,
+    ) -> Result<(), BackendError> {
+        if after > self.max_runs && after > self.plugged.len() {
+            return Err(BackendError {
+                transient: true,
+                ..backend_error(
+                    op,
+                    gpa,
+                    len,
+                    format!(
+                        "plugged memory would be split into {after} runs, more than the {} \
+                         the VMM allows (each costs a host memory mapping; see \
+                         vm.max_map_count): the guest's plugged memory is too fragmented",
+                        self.max_runs
+                    ),
+                )
+            });
+        }
+        Ok(())
     }
 
     fn offset_of(&self, op: &'static str, gpa: u64, len: u64) -> Result<u64, BackendError> {
@@ -390,6 +462,7 @@ impl HotplugMemory {
 impl BlockBackend for HotplugMemory {
     fn plug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
         let offset = self.offset_of("plug", gpa, len)?;
+        self.check_runs("plug", gpa, len, self.runs_after_plug(gpa, len))?;
         let t = std::time::Instant::now();
         self.region
             .plug(offset, len)
@@ -438,6 +511,7 @@ impl BlockBackend for HotplugMemory {
 
     fn unplug(&mut self, gpa: u64, len: u64) -> Result<(), BackendError> {
         let offset = self.offset_of("unplug", gpa, len)?;
+        self.check_runs("unplug", gpa, len, self.runs_after_unplug(gpa, len))?;
         // Devices stop seeing the range, and the views that still show it end, before
         // the host takes it away.
         self.remove_run(gpa, len);
@@ -477,6 +551,33 @@ impl BlockBackend for HotplugMemory {
         );
         Ok(())
     }
+}
+
+/// Boot RAM's regions of `boot`, as shared handles (vm-memory gives them out only through
+/// `remove_region`).
+fn boot_regions(boot: &GuestMemoryMmap) -> Result<Vec<Arc<GuestRegionMmap>>, HotplugError> {
+    let spans: Vec<(GuestAddress, u64)> = boot.iter().map(|r| (r.start_addr(), r.len())).collect();
+    let mut rest = boot.clone();
+    let mut out = Vec::with_capacity(spans.len());
+    for (start, len) in spans {
+        let (left, region) = rest
+            .remove_region(start, len)
+            .map_err(|e| HotplugError::Layout(format!("boot RAM at {:#x}: {e}", start.0)))?;
+        out.push(region);
+        rest = left;
+    }
+    Ok(out)
+}
+
+/// The default bound on plugged runs: a quarter of the host's `vm.max_map_count` (each
+/// run costs up to two memory mappings of the process, and the rest of the VMM needs
+/// mappings too).
+fn default_max_runs() -> usize {
+    let max_map_count = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(65530);
+    (max_map_count / 4).max(1)
 }
 
 const _: () = assert!(usize::BITS == 64, "the VMM runs on 64-bit hosts only");

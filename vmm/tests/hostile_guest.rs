@@ -320,3 +320,68 @@ fn entropy_device_writes_while_virtio_mem_unplugs() {
     );
     vm.assert_no_host_memory_outside_plugged();
 }
+
+fn process_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+/// A guest plugging every other block of a 64 GiB region: each run of plugged memory is
+/// a protection change, so a mapping of the process; past the bound the host answers
+/// BUSY, the process's mappings stay bounded and everything else keeps working.
+#[test]
+fn alternating_plugs_cannot_exhaust_the_hosts_memory_mappings() {
+    use virtio_mem::BlockBackend;
+    let mem = GuestMemoryHandle::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), BOOT_RAM)]).unwrap(),
+    );
+    let region = Arc::new(MemoryRegion::new(RegionConfig::new(64 << 30, BLOCK)).unwrap());
+    let mut h = HotplugMemory::new(
+        Arc::clone(&region),
+        BASE,
+        128 * MIB,
+        1,
+        Arc::new(Slots::default()),
+        mem.clone(),
+    )
+    .unwrap();
+    let limit = 2048;
+    h.set_max_runs(limit);
+    let before = process_mappings();
+    let mut refused = 0;
+    for i in 0..4 * limit as u64 {
+        match h.plug(BASE + 2 * i * BLOCK, BLOCK) {
+            Ok(()) => {}
+            Err(e) => {
+                assert!(e.transient && e.reason.contains("fragmented"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(h.runs(), limit);
+    assert_eq!(refused, 3 * limit);
+    let grown = process_mappings().saturating_sub(before);
+    assert!(
+        grown <= 2 * limit + 64,
+        "{grown} new mappings for {limit} runs"
+    );
+    // Plugs that join runs, and unplugs that do not split one, still work at the bound.
+    h.plug(BASE + BLOCK, BLOCK).unwrap();
+    assert_eq!(h.runs(), limit - 1);
+    h.unplug(BASE, 3 * BLOCK).unwrap();
+    h.unplug(BASE + 4 * BLOCK, BLOCK).unwrap();
+    // An unplug that would split a run at the bound is refused.
+    h.plug(BASE, 3 * BLOCK).unwrap();
+    h.plug(BASE + 3 * BLOCK, BLOCK).unwrap();
+    h.set_max_runs(h.runs());
+    assert!(h.unplug(BASE + BLOCK, BLOCK).is_err());
+    // The rest of the process still maps memory, and devices see the plugged runs.
+    let extra: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    drop(extra);
+    mem.memory()
+        .write_obj(1u8, GuestAddress(BASE + 2 * BLOCK))
+        .unwrap();
+}
