@@ -72,7 +72,7 @@ impl Metrics {
 
 /// Allows at most `burst` log lines per `period`, and reports how many were dropped.
 #[derive(Debug)]
-pub(crate) struct RateLimit {
+pub struct RateLimit {
     period: Duration,
     burst: u32,
     window_start: Option<Instant>,
@@ -81,7 +81,8 @@ pub(crate) struct RateLimit {
 }
 
 impl RateLimit {
-    pub(crate) const fn new(period: Duration, burst: u32) -> Self {
+    /// At most `burst` lines per `period`.
+    pub const fn new(period: Duration, burst: u32) -> Self {
         RateLimit {
             period,
             burst,
@@ -92,7 +93,7 @@ impl RateLimit {
     }
 
     /// `Some(dropped since the last allowed line)` if a line may be logged now.
-    pub(crate) fn allow(&mut self) -> Option<u64> {
+    pub fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         let fresh = self
             .window_start

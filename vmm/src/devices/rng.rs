@@ -37,6 +37,8 @@ pub struct VirtioRng {
     active: Option<Active>,
     urandom: File,
     served: u64,
+    /// A guest can cause one queue error per notification.
+    error_log: virtio_mem::RateLimit,
 }
 
 impl std::fmt::Debug for VirtioRng {
@@ -59,6 +61,7 @@ impl VirtioRng {
             active: None,
             urandom: File::open("/dev/urandom")?,
             served: 0,
+            error_log: virtio_mem::RateLimit::new(std::time::Duration::from_secs(10), 5),
         })
     }
 
@@ -104,7 +107,12 @@ impl VirtioRng {
                 len = len.saturating_add(n);
             }
             if let Err(e) = a.queue.add_used(&*mem, head, len) {
-                warn!("virtio-rng: cannot return buffer {head}: {e}");
+                if let Some(dropped) = self.error_log.allow() {
+                    warn!(
+                        "virtio-rng: cannot return buffer {head}: {e} \
+                         ({dropped} similar messages suppressed)"
+                    );
+                }
                 break;
             }
             self.served = self.served.saturating_add(u64::from(len));
