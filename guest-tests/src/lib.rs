@@ -14,6 +14,7 @@ pub mod guest;
 pub mod host;
 pub mod ours;
 pub mod qemu;
+pub mod resize_soak;
 pub mod runner;
 pub mod scenarios;
 pub mod soak;

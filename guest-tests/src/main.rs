@@ -12,8 +12,8 @@ use guest_tests::ours::Ours;
 use guest_tests::qemu::Qemu;
 use guest_tests::runner::{self, Paths, RunOptions};
 use guest_tests::scenarios::{self, Kernel, Scenario};
-use guest_tests::soak;
 use guest_tests::vmm::Vmm;
+use guest_tests::{resize_soak, soak};
 
 #[derive(Debug, Parser)]
 #[command(about = "Linux end-to-end virtio-mem scenarios against a VMM")]
@@ -71,6 +71,14 @@ struct Args {
     /// table of failure classes (one --kernel).
     #[arg(long)]
     soak: Option<usize>,
+    /// Instead of scenarios, boot one guest and run this many resize cycles between random
+    /// block-aligned sizes, with data written before and verified after each shrink (one
+    /// --kernel; `ci/soak`).
+    #[arg(long)]
+    resize_cycles: Option<usize>,
+    /// Seed of the resize soak's sizes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Leave out this scenario on this kernel, as NAME@KERNEL (repeatable).
     #[arg(long)]
     skip: Vec<String>,
@@ -156,6 +164,8 @@ fn run_in_testhost(
     testhost_mem: &str,
     passed_file: &std::path::Path,
 ) -> std::io::Result<std::process::ExitStatus> {
+    // A long soak (ci/soak) needs more than a suite's 25 minutes.
+    let timeout = std::env::var("GUEST_TESTS_TESTHOST_TIMEOUT").unwrap_or_else(|_| "1500".into());
     let mut cmd = Command::new(root.join("ci/testhost-run"));
     cmd.args([
         "--mem",
@@ -163,7 +173,7 @@ fn run_in_testhost(
         "--retries",
         "2",
         "--timeout",
-        "1500",
+        &timeout,
         "--",
     ])
     .arg(exe)
@@ -196,9 +206,9 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if args.soak.is_some() {
+    if args.soak.is_some() || args.resize_cycles.is_some() {
         if args.kernel == "all" {
-            eprintln!("guest-tests: --soak needs one --kernel (6.1 or 6.12)");
+            eprintln!("guest-tests: --soak and --resize-cycles need one --kernel (6.1 or 6.12)");
             return ExitCode::from(2);
         }
         if args.scenario.is_empty() {
@@ -339,6 +349,45 @@ fn main_with(args: Args) -> ExitCode {
             .cloned()
             .collect(),
     };
+    if let Some(cycles) = args.resize_cycles {
+        let Some(&(kernel, sc)) = selected.first() else {
+            return ExitCode::from(2);
+        };
+        let spec = runner::spec_for(kernel, sc.boot, &paths, &opts, 0);
+        println!(
+            "guest-tests: resize soak of {cycles} cycles (seed {}), {} vCPUs, kernel {}, VMM {}",
+            args.seed,
+            opts.cpus,
+            kernel.label(),
+            vmm.name()
+        );
+        let result = resize_soak::run(
+            vmm.as_ref(),
+            &spec,
+            &paths.logs,
+            cycles,
+            args.seed,
+            args.echo,
+        );
+        let _ = std::fs::remove_dir_all(&work);
+        return match result {
+            Ok(o) => {
+                if let Some(f) = &o.first_failure {
+                    println!("soak: first failure: {f}");
+                }
+                println!("{}", o.line());
+                if o.failed == 0 && o.cycles == cycles {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                println!("soak: the guest could not be soaked: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(boots) = args.soak {
         let Some(&(kernel, sc)) = selected.first() else {
             return ExitCode::from(2);
