@@ -22,7 +22,8 @@ pub struct Outcome {
     pub verified: usize,
     /// Cycles that failed (the size not reached, or the data changed).
     pub failed: usize,
-    /// VMM RSS after the last cycle minus after the first, in KiB.
+    /// VMM RSS with nothing plugged after the soak minus before it, in KiB (the same
+    /// guest state, so guest memory does not count).
     pub vmm_rss_growth_kib: i64,
     /// The first failure, if any.
     pub first_failure: Option<String>,
@@ -96,8 +97,8 @@ pub fn run(
     let mut g = Guest::boot(vmm, spec, &log, echo)?;
     let mut rng = Rng(seed.max(1));
     let mut out = Outcome::default();
-    let mut rss_first = None;
-    let mut rss_last = 0;
+    g.ensure_plugged(0)?;
+    let rss_before = g.vmm_rss()?;
     for n in 1..=cycles {
         let t = Instant::now();
         let result = cycle(&mut g, &mut rng);
@@ -123,13 +124,17 @@ pub fn run(
                 let _ = g.free();
             }
         }
-        let rss = g.vmm_rss()?;
-        rss_first.get_or_insert(rss);
-        rss_last = rss;
+        if n % 100 == 0 {
+            println!(
+                "RESIZE-SOAK rss={} kib after {n} cycles",
+                g.vmm_rss()? / 1024
+            );
+        }
     }
-    let first = rss_first.unwrap_or(rss_last);
-    out.vmm_rss_growth_kib = (i64::try_from(rss_last).unwrap_or(i64::MAX)
-        - i64::try_from(first).unwrap_or(i64::MAX))
+    g.ensure_plugged(0)?;
+    let rss_after = g.vmm_rss()?;
+    out.vmm_rss_growth_kib = (i64::try_from(rss_after).unwrap_or(i64::MAX)
+        - i64::try_from(rss_before).unwrap_or(i64::MAX))
         / 1024;
     g.shutdown();
     Ok(out)
