@@ -249,7 +249,8 @@ impl HotplugMemory {
             .filter(|&i| self.slot_registered[i] && self.slot_plugged[i] == 0)
     }
 
-    /// Removes the KVM slots that have no plugged block left; returns how many.
+    /// Removes the KVM slots that have no plugged block left; returns how many. A slot KVM
+    /// refuses to remove stays registered (and idle: the next call tries again).
     ///
     /// Unplug does not do this itself: deleting a memslot makes x86 KVM drop every
     /// stage-2 mapping of the VM (not just the slot's), so the guest faults its whole
@@ -261,18 +262,21 @@ impl HotplugMemory {
     pub fn release_idle_slots(&mut self) -> usize {
         let idle: Vec<usize> = self.idle_slots().collect();
         let t = std::time::Instant::now();
+        let mut removed = 0;
         for &idx in &idle {
-            self.remove_slot(idx, idx as u64 * self.slot_size);
-            self.slot_registered[idx] = false;
+            if self.remove_slot(idx, idx as u64 * self.slot_size) {
+                self.slot_registered[idx] = false;
+                removed += 1;
+            }
         }
         if !idle.is_empty() {
             debug!(
-                "virtio-mem: {} idle KVM slots removed in {:?}",
+                "virtio-mem: {removed} of {} idle KVM slots removed in {:?}",
                 idle.len(),
                 t.elapsed()
             );
         }
-        idle.len()
+        removed
     }
 
     /// Slot index range and per-slot overlap of a region-relative range.
@@ -307,17 +311,23 @@ impl HotplugMemory {
         )
     }
 
-    fn remove_slot(&self, idx: usize, slot_offset: u64) {
-        if let Err(e) = self
+    /// Removes slot `idx` from KVM; `false` (logged) when KVM refuses, and the slot is
+    /// then still registered.
+    fn remove_slot(&self, idx: usize, slot_offset: u64) -> bool {
+        match self
             .memslots
             .remove(self.slot_number(idx), self.region_addr + slot_offset)
         {
-            // The slot stays registered over PROT_NONE memory: the guest still cannot
-            // get host memory through it, so this costs KVM bookkeeping only.
-            log::error!(
-                "virtio-mem: cannot remove KVM slot {}: {e}",
-                self.slot_number(idx)
-            );
+            Ok(()) => true,
+            Err(e) => {
+                // The slot stays registered over PROT_NONE memory: the guest still cannot
+                // get host memory through it, so this costs KVM bookkeeping only.
+                log::error!(
+                    "virtio-mem: cannot remove KVM slot {}: {e}",
+                    self.slot_number(idx)
+                );
+                false
+            }
         }
     }
 
@@ -478,14 +488,18 @@ impl BlockBackend for HotplugMemory {
                 let t = std::time::Instant::now();
                 if let Err(e) = self.add_slot(idx, slot_offset) {
                     for &(i, so) in &added {
-                        self.remove_slot(i, so);
-                        self.slot_registered[i] = false;
+                        // One KVM refuses to remove stays registered, idle, for
+                        // release_idle_slots to retry.
+                        if self.remove_slot(i, so) {
+                            self.slot_registered[i] = false;
+                        }
                     }
                     if let Err(undo) = self.region.unplug(offset, len) {
                         log::error!(
                             "virtio-mem: cannot release memory after a failed plug: {undo}"
                         );
                     }
+                    self.restart_release_timer();
                     return Err(backend_error("plug", gpa, len, format!("KVM memslot: {e}")));
                 }
                 debug!(
@@ -614,6 +628,7 @@ mod tests {
     struct FakeSlots {
         live: Mutex<BTreeMap<u32, (u64, u64)>>,
         fail_next_add: Mutex<bool>,
+        fail_next_remove: Mutex<bool>,
     }
 
     impl Memslots for FakeSlots {
@@ -630,6 +645,9 @@ mod tests {
             Ok(())
         }
         fn remove(&self, slot: u32, gpa: u64) -> Result<(), String> {
+            if std::mem::take(&mut *self.fail_next_remove.lock().unwrap()) {
+                return Err("injected".into());
+            }
             let (g, _) = self.live.lock().unwrap().remove(&slot).unwrap();
             assert_eq!(g, gpa);
             Ok(())
@@ -738,6 +756,115 @@ mod tests {
         assert_eq!(h.region().usage().unwrap().committed(), 0);
         assert_eq!(mem.memory().num_regions(), 1);
         h.plug(BASE, 2 * MIB).unwrap();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Plug(u64, u64),
+        Unplug(u64, u64),
+        Release,
+        FailNextAdd,
+        FailNextRemove,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        // 512 MiB region: 256 blocks of 2 MiB in 4 slots of 128 MiB.
+        prop_oneof![
+            3 => (0u64..256, 1u64..80).prop_map(|(b, n)| Op::Plug(b, n)),
+            3 => (0u64..256, 1u64..80).prop_map(|(b, n)| Op::Unplug(b, n)),
+            2 => Just(Op::Release),
+            1 => Just(Op::FailNextAdd),
+            2 => Just(Op::FailNextRemove),
+        ]
+    }
+
+    /// Every copy of plugged state agrees with a model of plugged blocks: the runs, the
+    /// per-slot byte counts, the slots KVM has, and the map devices see.
+    fn check(h: &HotplugMemory, slots: &FakeSlots, mem: &GuestMemoryHandle, model: &[bool]) {
+        let block = 2 * MIB;
+        let mut runs = BTreeMap::new();
+        let mut i = 0;
+        while i < model.len() {
+            if model[i] {
+                let start = i;
+                while i < model.len() && model[i] {
+                    i += 1;
+                }
+                runs.insert(BASE + start as u64 * block, (i - start) as u64 * block);
+            } else {
+                i += 1;
+            }
+        }
+        assert_eq!(h.plugged, runs, "plugged runs");
+        let live = slots.live.lock().unwrap();
+        for (idx, &plugged) in h.slot_plugged.iter().enumerate() {
+            let per_slot = to_usize(128 * MIB / block);
+            let want = model[idx * per_slot..(idx + 1) * per_slot]
+                .iter()
+                .filter(|&&p| p)
+                .count() as u64
+                * block;
+            assert_eq!(plugged, want, "bytes plugged in slot {idx}");
+            let number = h.slot_number(idx);
+            assert_eq!(
+                h.slot_registered[idx],
+                live.contains_key(&number),
+                "slot {idx}"
+            );
+            assert!(
+                plugged == 0 || h.slot_registered[idx],
+                "slot {idx} plugged, not in KVM"
+            );
+        }
+        let m = mem.memory();
+        let seen: BTreeMap<u64, u64> = m
+            .iter()
+            .filter(|r| r.start_addr().0 >= BASE)
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        assert_eq!(seen, runs, "devices' map");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        #[test]
+        fn plugged_state_has_one_truth_under_failures(ops in proptest::collection::vec(op(), 1..60)) {
+            let (mut h, slots, mem) = setup();
+            let mut model = vec![false; 256];
+            for op in ops {
+                match op {
+                    Op::Plug(b, n) | Op::Unplug(b, n) => {
+                        let n = n.min(256 - b);
+                        let range = to_usize(b)..to_usize(b + n);
+                        let plug = matches!(op, Op::Plug(..));
+                        // The device only asks for wholly unplugged (plug) or wholly
+                        // plugged (unplug) ranges.
+                        if model[range.clone()].contains(&plug) {
+                            continue;
+                        }
+                        let (gpa, len) = (BASE + b * 2 * MIB, n * 2 * MIB);
+                        let r = if plug { h.plug(gpa, len) } else { h.unplug(gpa, len) };
+                        if r.is_ok() {
+                            model[range].fill(plug);
+                        }
+                    }
+                    Op::Release => {
+                        h.release_idle_slots();
+                    }
+                    Op::FailNextAdd => *slots.fail_next_add.lock().unwrap() = true,
+                    Op::FailNextRemove => *slots.fail_next_remove.lock().unwrap() = true,
+                }
+                check(&h, &slots, &mem, &model);
+            }
+            // Unplugged memory is inaccessible in the host.
+            for (b, &p) in model.iter().enumerate() {
+                if !p {
+                    let offset = b as u64 * 2 * MIB;
+                    proptest::prop_assert!(h.region().is_inaccessible(offset, 2 * MIB).unwrap());
+                }
+            }
+        }
     }
 
     #[test]
