@@ -318,7 +318,7 @@ fn boot_gdt() -> [u64; 4] {
 }
 
 /// The guest's physical address width as the VMM's CPUID reports it (leaf 0x8000_0008,
-/// EAX[7:0]; the VMM passes it through from KVM), or `None` when KVM gives no such leaf.
+/// `EAX[7:0]`; the VMM passes it through from KVM), or `None` when KVM gives no such leaf.
 ///
 /// # Errors
 ///
