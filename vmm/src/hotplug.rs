@@ -38,19 +38,19 @@ pub trait Memslots: Send + Sync {
     ///
     /// # Errors
     ///
-    /// The KVM error, as text for the operator.
-    fn add(&self, slot: u32, gpa: u64, size: u64, host_addr: u64) -> Result<(), String>;
+    /// The KVM error.
+    fn add(&self, slot: u32, gpa: u64, size: u64, host_addr: u64) -> Result<(), std::io::Error>;
 
     /// Removes `slot` (which maps `gpa`).
     ///
     /// # Errors
     ///
-    /// The KVM error, as text for the operator.
-    fn remove(&self, slot: u32, gpa: u64) -> Result<(), String>;
+    /// The KVM error.
+    fn remove(&self, slot: u32, gpa: u64) -> Result<(), std::io::Error>;
 }
 
 impl Memslots for kvm_ioctls::VmFd {
-    fn add(&self, slot: u32, gpa: u64, size: u64, host_addr: u64) -> Result<(), String> {
+    fn add(&self, slot: u32, gpa: u64, size: u64, host_addr: u64) -> Result<(), std::io::Error> {
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -62,10 +62,11 @@ impl Memslots for kvm_ioctls::VmFd {
         // (HotplugMemory computes it from the region base and checks the bounds), which
         // stays mapped for the whole life of the VMM process; no other slot maps this
         // guest range (slots partition the region, boot RAM lies below it).
-        unsafe { self.set_user_memory_region(region) }.map_err(|e| e.to_string())
+        unsafe { self.set_user_memory_region(region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 
-    fn remove(&self, slot: u32, gpa: u64) -> Result<(), String> {
+    fn remove(&self, slot: u32, gpa: u64) -> Result<(), std::io::Error> {
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -75,7 +76,8 @@ impl Memslots for kvm_ioctls::VmFd {
         };
         // SAFETY: a zero-sized region deletes the slot; KVM then no longer accesses the
         // host memory it mapped.
-        unsafe { self.set_user_memory_region(region) }.map_err(|e| e.to_string())
+        unsafe { self.set_user_memory_region(region) }
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 
@@ -133,21 +135,41 @@ impl std::fmt::Debug for HotplugMemory {
     }
 }
 
+/// KVM refused to add or remove one of the region's memory slots.
+#[derive(Debug, thiserror::Error)]
+#[error("KVM memslot {slot} at {gpa:#x}: {op} refused: {source}")]
+pub struct MemslotError {
+    /// "add" or "remove".
+    pub op: &'static str,
+    /// Slot number.
+    pub slot: u32,
+    /// Guest-physical start of the slot.
+    pub gpa: u64,
+    /// KVM's error.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// A failure that retrying will not mend (a refused memslot, a range outside the region,
 /// a device map that cannot be built).
-fn backend_error(op: &'static str, addr: u64, len: u64, e: impl ToString) -> BackendError {
+fn backend_error(
+    op: &'static str,
+    addr: u64,
+    len: u64,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> BackendError {
     BackendError {
         op,
         addr,
         len,
-        reason: e.to_string(),
+        reason: e.into(),
         transient: false,
     }
 }
 
 /// A failure of the region itself: transient when memory-backend says so (out of memory,
 /// an empty hugetlb pool, a poisoned page).
-fn region_error(op: &'static str, addr: u64, len: u64, e: &MemoryBackendError) -> BackendError {
+fn region_error(op: &'static str, addr: u64, len: u64, e: MemoryBackendError) -> BackendError {
     BackendError {
         transient: e.is_transient(),
         ..backend_error(op, addr, len, e)
@@ -300,32 +322,36 @@ impl HotplugMemory {
         self.first_slot + u32::try_from(idx).unwrap_or(u32::MAX - self.first_slot)
     }
 
-    fn add_slot(&self, idx: usize, slot_offset: u64) -> Result<(), String> {
+    fn add_slot(&self, idx: usize, slot_offset: u64) -> Result<(), MemslotError> {
         let size = self.slot_size.min(self.region.size() - slot_offset);
         let host = self.region.host_addr() as u64 + slot_offset;
-        self.memslots.add(
-            self.slot_number(idx),
-            self.region_addr + slot_offset,
-            size,
-            host,
-        )
+        let (slot, gpa) = (self.slot_number(idx), self.region_addr + slot_offset);
+        self.memslots
+            .add(slot, gpa, size, host)
+            .map_err(|source| MemslotError {
+                op: "add",
+                slot,
+                gpa,
+                source,
+            })
     }
 
     /// Removes slot `idx` from KVM; `false` (logged) when KVM refuses, and the slot is
     /// then still registered.
     fn remove_slot(&self, idx: usize, slot_offset: u64) -> bool {
-        match self
-            .memslots
-            .remove(self.slot_number(idx), self.region_addr + slot_offset)
-        {
+        let (slot, gpa) = (self.slot_number(idx), self.region_addr + slot_offset);
+        match self.memslots.remove(slot, gpa) {
             Ok(()) => true,
-            Err(e) => {
+            Err(source) => {
                 // The slot stays registered over PROT_NONE memory: the guest still cannot
                 // get host memory through it, so this costs KVM bookkeeping only.
-                log::error!(
-                    "virtio-mem: cannot remove KVM slot {}: {e}",
-                    self.slot_number(idx)
-                );
+                let e = MemslotError {
+                    op: "remove",
+                    slot,
+                    gpa,
+                    source,
+                };
+                log::error!("virtio-mem: {e}");
                 false
             }
         }
@@ -476,7 +502,7 @@ impl BlockBackend for HotplugMemory {
         let t = std::time::Instant::now();
         self.region
             .plug(offset, len)
-            .map_err(|e| region_error("plug", gpa, len, &e))?;
+            .map_err(|e| region_error("plug", gpa, len, e))?;
         debug!(
             "virtio-mem: plugged {len:#x} at {gpa:#x}, host memory ready in {:?}",
             t.elapsed()
@@ -500,7 +526,7 @@ impl BlockBackend for HotplugMemory {
                         );
                     }
                     self.restart_release_timer();
-                    return Err(backend_error("plug", gpa, len, format!("KVM memslot: {e}")));
+                    return Err(backend_error("plug", gpa, len, e));
                 }
                 debug!(
                     "virtio-mem: KVM slot {} added in {:?}",
@@ -553,7 +579,7 @@ impl BlockBackend for HotplugMemory {
             if let Err(e) = self.publish() {
                 log::error!("virtio-mem: cannot restore the devices' guest memory map: {e}");
             }
-            return Err(region_error("unplug", gpa, len, &e));
+            return Err(region_error("unplug", gpa, len, e));
         }
         for (idx, _, chunk) in self.slot_overlaps(offset, len) {
             self.slot_plugged[idx] = self.slot_plugged[idx].saturating_sub(chunk);
@@ -632,9 +658,9 @@ mod tests {
     }
 
     impl Memslots for FakeSlots {
-        fn add(&self, slot: u32, gpa: u64, size: u64, _host: u64) -> Result<(), String> {
+        fn add(&self, slot: u32, gpa: u64, size: u64, _host: u64) -> Result<(), std::io::Error> {
             if std::mem::take(&mut *self.fail_next_add.lock().unwrap()) {
-                return Err("injected".into());
+                return Err(std::io::Error::other("injected"));
             }
             assert!(self
                 .live
@@ -644,9 +670,9 @@ mod tests {
                 .is_none());
             Ok(())
         }
-        fn remove(&self, slot: u32, gpa: u64) -> Result<(), String> {
+        fn remove(&self, slot: u32, gpa: u64) -> Result<(), std::io::Error> {
             if std::mem::take(&mut *self.fail_next_remove.lock().unwrap()) {
-                return Err("injected".into());
+                return Err(std::io::Error::other("injected"));
             }
             let (g, _) = self.live.lock().unwrap().remove(&slot).unwrap();
             assert_eq!(g, gpa);
@@ -751,7 +777,7 @@ mod tests {
         let (mut h, slots, mem) = setup();
         *slots.fail_next_add.lock().unwrap() = true;
         let e = h.plug(BASE, 2 * MIB).unwrap_err();
-        assert!(e.reason.contains("KVM memslot"), "{e}");
+        assert!(e.to_string().contains("KVM memslot"), "{e}");
         assert_eq!(h.registered_slots(), 0);
         assert_eq!(h.region().usage().unwrap().committed(), 0);
         assert_eq!(mem.memory().num_regions(), 1);

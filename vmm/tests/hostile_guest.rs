@@ -355,7 +355,7 @@ fn alternating_plugs_cannot_exhaust_the_hosts_memory_mappings() {
         match h.plug(BASE + 2 * i * BLOCK, BLOCK) {
             Ok(()) => {}
             Err(e) => {
-                assert!(e.transient && e.reason.contains("fragmented"), "{e}");
+                assert!(e.transient && e.to_string().contains("fragmented"), "{e}");
                 refused += 1;
             }
         }

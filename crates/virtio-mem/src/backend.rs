@@ -24,8 +24,10 @@ pub struct BackendError {
     pub addr: u64,
     /// Length of the range in bytes.
     pub len: u64,
-    /// Why it failed, for the operator (e.g. "out of memory", "hugetlb pool empty").
-    pub reason: String,
+    /// Why it failed: the backend's own error (e.g. out of memory, an empty hugetlb pool,
+    /// a refused KVM memslot), kept as the source for the operator's message.
+    #[source]
+    pub reason: Box<dyn std::error::Error + Send + Sync>,
     /// Whether retrying later may succeed.
     pub transient: bool,
 }

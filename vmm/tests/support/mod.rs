@@ -32,11 +32,11 @@ pub const F_WRITE: u16 = 2;
 pub struct Slots(Mutex<BTreeMap<u32, u64>>);
 
 impl Memslots for Slots {
-    fn add(&self, slot: u32, gpa: u64, _size: u64, _host: u64) -> Result<(), String> {
+    fn add(&self, slot: u32, gpa: u64, _size: u64, _host: u64) -> Result<(), std::io::Error> {
         self.0.lock().unwrap().insert(slot, gpa);
         Ok(())
     }
-    fn remove(&self, slot: u32, _gpa: u64) -> Result<(), String> {
+    fn remove(&self, slot: u32, _gpa: u64) -> Result<(), std::io::Error> {
         self.0.lock().unwrap().remove(&slot);
         Ok(())
     }
