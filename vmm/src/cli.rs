@@ -38,6 +38,9 @@ pub struct ResizeArgs {
     /// The new requested size, e.g. 2G or 0.
     #[arg(value_parser = parse_size)]
     pub size: u64,
+    /// Seconds to wait for the connection and the VMM's answer.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
 }
 
 /// `vmm status` options.
@@ -46,6 +49,9 @@ pub struct StatusArgs {
     /// The VMM's API socket.
     #[arg(long)]
     pub api_socket: PathBuf,
+    /// Seconds to wait for the connection and the VMM's answer.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
 }
 
 /// What a guest reboot does.

@@ -7,6 +7,8 @@
 
 use std::os::unix::process::CommandExt;
 
+use std::time::Duration;
+
 use clap::Parser;
 use vmm::cli::{Cli, Command, OnReboot, RunArgs};
 use vmm::exit::ExitReason;
@@ -16,8 +18,15 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(&args),
-        Command::Resize(a) => report(vmm_api::client::resize(&a.api_socket, a.size)),
-        Command::Status(a) => report(vmm_api::client::status(&a.api_socket)),
+        Command::Resize(a) => report(vmm_api::client::resize_within(
+            &a.api_socket,
+            a.size,
+            Duration::from_secs(a.timeout),
+        )),
+        Command::Status(a) => report(vmm_api::client::status_within(
+            &a.api_socket,
+            Duration::from_secs(a.timeout),
+        )),
     };
     std::process::exit(code);
 }

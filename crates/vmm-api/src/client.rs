@@ -3,7 +3,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{MemoryStatus, ResizeRequest};
 
@@ -24,6 +24,16 @@ pub enum ClientError {
     /// The answer is not HTTP or not the expected JSON.
     #[error("unexpected answer from the VMM API: {0}")]
     BadAnswer(String),
+    /// The VMM did not connect or answer in time.
+    #[error("no answer from the VMM API at {path} within {timeout:?} ({waiting_for}): the VMM may be hung or overloaded; its state dump: kill -USR1 <vmm pid>")]
+    Timeout {
+        /// The socket path.
+        path: PathBuf,
+        /// The bound.
+        timeout: Duration,
+        /// What did not happen: the connection, or the answer to which request.
+        waiting_for: String,
+    },
     /// The VMM refused the request.
     #[error("the VMM refused (HTTP {status}): {message}")]
     Refused {
@@ -34,20 +44,78 @@ pub enum ClientError {
     },
 }
 
-fn exchange(socket: &Path, method: &str, body: Option<&str>) -> Result<MemoryStatus, ClientError> {
-    let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+/// How long a client waits for the connection and for the whole answer by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects within `timeout`. A Unix socket whose listen backlog is full blocks
+/// `connect`, so the connection is made on a helper thread (left to finish on its own if
+/// the bound passes).
+fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = socket.to_path_buf();
+    std::thread::Builder::new()
+        .name("api-connect".into())
+        .spawn(move || {
+            let _ = tx.send(UnixStream::connect(path));
+        })?;
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r.map_err(|source| ClientError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        }),
+        Err(_) => Err(ClientError::Timeout {
+            path: socket.to_path_buf(),
+            timeout,
+            waiting_for: "the connection".into(),
+        }),
+    }
+}
+
+fn exchange(
+    socket: &Path,
+    method: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<MemoryStatus, ClientError> {
+    let deadline = Instant::now() + timeout;
+    let timed_out = || ClientError::Timeout {
         path: socket.to_path_buf(),
-        source,
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        timeout,
+        waiting_for: format!("the answer to {method} /v1/memory"),
+    };
+    let mut s = connect(socket, timeout)?;
+    s.set_write_timeout(Some(timeout))?;
     let body = body.unwrap_or("");
     write!(
         s,
         "{method} /v1/memory HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
+    // The bound is for the whole answer: a VMM that trickles bytes must not extend it.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(timed_out)?;
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let answer = String::from_utf8_lossy(&raw).into_owned();
     let (head, json) = answer
         .split_once("\r\n\r\n")
         .ok_or_else(|| ClientError::BadAnswer(answer.clone()))?;
@@ -66,26 +134,50 @@ fn exchange(socket: &Path, method: &str, body: Option<&str>) -> Result<MemorySta
     serde_json::from_str(json).map_err(|e| ClientError::BadAnswer(format!("{e}: {json}")))
 }
 
-/// `GET /v1/memory`.
+/// `GET /v1/memory`, within [`DEFAULT_TIMEOUT`].
 ///
 /// # Errors
 ///
-/// A [`ClientError`] when the VMM cannot be reached or answers with an error.
+/// A [`ClientError`] when the VMM cannot be reached, does not answer in time or answers
+/// with an error.
 pub fn status(socket: &Path) -> Result<MemoryStatus, ClientError> {
-    exchange(socket, "GET", None)
+    status_within(socket, DEFAULT_TIMEOUT)
 }
 
-/// `PUT /v1/memory {"requested_size": bytes}`.
+/// `GET /v1/memory`, connection and whole answer within `timeout`.
 ///
 /// # Errors
 ///
-/// A [`ClientError`] when the VMM cannot be reached or refuses the size.
+/// As [`status`].
+pub fn status_within(socket: &Path, timeout: Duration) -> Result<MemoryStatus, ClientError> {
+    exchange(socket, "GET", None, timeout)
+}
+
+/// `PUT /v1/memory {"requested_size": bytes}`, within [`DEFAULT_TIMEOUT`].
+///
+/// # Errors
+///
+/// A [`ClientError`] when the VMM cannot be reached, does not answer in time or refuses
+/// the size.
 pub fn resize(socket: &Path, bytes: u64) -> Result<MemoryStatus, ClientError> {
+    resize_within(socket, bytes, DEFAULT_TIMEOUT)
+}
+
+/// `PUT /v1/memory`, connection and whole answer within `timeout`.
+///
+/// # Errors
+///
+/// As [`resize`].
+pub fn resize_within(
+    socket: &Path,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<MemoryStatus, ClientError> {
     let body = serde_json::to_string(&ResizeRequest {
         requested_size: bytes,
     })
     .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
-    exchange(socket, "PUT", Some(&body))
+    exchange(socket, "PUT", Some(&body), timeout)
 }
 
 impl MemoryStatus {

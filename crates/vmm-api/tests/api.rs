@@ -281,3 +281,25 @@ fn client_round_trip() {
         Err(client::ClientError::Connect { .. })
     ));
 }
+
+#[test]
+fn a_client_never_hangs_on_a_vmm_that_does_not_answer() {
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("api-silent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("silent.sock");
+    // Bound but never accepted: the connection lands in the backlog, no answer comes.
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let t = Instant::now();
+    let e = client::status_within(&path, Duration::from_millis(300)).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "waited {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(e, client::ClientError::Timeout { .. }), "{e}");
+    assert!(e.to_string().contains("GET /v1/memory"), "{e}");
+    let e = client::resize_within(&path, 0, Duration::from_millis(300)).unwrap_err();
+    assert!(e.to_string().contains("PUT /v1/memory"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
