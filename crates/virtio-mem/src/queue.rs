@@ -7,8 +7,10 @@
 //! forbids devices to assume it), so a request split over several buffers is fine. A
 //! malformed chain never panics: it is answered ERROR when its writable buffers, up to the
 //! first one outside guest memory, hold at least 10 bytes, and otherwise completed with
-//! used length 0. Either way it
-//! is returned to the driver, counted, and logged rate-limited.
+//! used length 0. Either way it is returned to the driver, counted, and logged
+//! rate-limited. Guest memory is viewed afresh for each step (see
+//! [`VirtioMem::process_queue`]): after an unplug, neither the answer nor a later chain
+//! reaches the unplugged blocks; writes there fail and are handled by these same rules.
 
 use std::time::Duration;
 
