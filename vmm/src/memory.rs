@@ -44,6 +44,14 @@ struct MapState {
     live: BTreeMap<u64, usize>,
 }
 
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, MapState> {
+        // Every update of the state is a single assignment or counter step: a panic
+        // elsewhere cannot leave it half-done.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 impl std::fmt::Debug for GuestMemoryHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.lock();
@@ -83,9 +91,7 @@ impl GuestMemoryHandle {
     }
 
     fn lock(&self) -> MutexGuard<'_, MapState> {
-        // Every update of the state is a single assignment or counter step: a panic
-        // elsewhere cannot leave it half-done.
-        self.0.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0.lock()
     }
 
     /// Makes `map` the map new snapshots see; returns its generation, for
@@ -159,15 +165,6 @@ pub struct MemorySnapshot {
     owner: Arc<Shared>,
 }
 
-impl MemorySnapshot {
-    fn state(&self) -> MutexGuard<'_, MapState> {
-        self.owner
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 impl std::fmt::Debug for MemorySnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemorySnapshot")
@@ -178,7 +175,7 @@ impl std::fmt::Debug for MemorySnapshot {
 
 impl Clone for MemorySnapshot {
     fn clone(&self) -> Self {
-        *self.state().live.entry(self.generation).or_insert(0) += 1;
+        *self.owner.lock().live.entry(self.generation).or_insert(0) += 1;
         MemorySnapshot {
             map: Arc::clone(&self.map),
             generation: self.generation,
@@ -189,7 +186,7 @@ impl Clone for MemorySnapshot {
 
 impl Drop for MemorySnapshot {
     fn drop(&mut self) {
-        let mut s = self.state();
+        let mut s = self.owner.lock();
         let emptied = match s.live.get_mut(&self.generation) {
             Some(n) if *n > 1 => {
                 *n -= 1;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use memory_backend::{MemoryRegion, RegionConfig};
 use virtio_mem::wire::{RawResponse, Request, Response};
-use virtio_mem::{DeviceConfig, VirtioMem};
+use virtio_mem::VirtioMem;
 use virtio_mmio::{Activation, ActiveQueue, MmioInterrupt, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm::devices::rng::VirtioRng;
@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 mod support;
 
-use support::{Driver, Irq, Rings, Slots, BOOT_RINGS, F_WRITE, REQ, RESP};
+use support::{device_over, Driver, Irq, Rings, Slots, BOOT_RINGS, F_WRITE, REQ, RESP};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
@@ -44,24 +44,7 @@ impl Vm {
         let boot = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), BOOT_RAM)]).unwrap();
         let mem = GuestMemoryHandle::new(boot);
         let region = Arc::new(MemoryRegion::new(RegionConfig::new(REGION, BLOCK)).unwrap());
-        let hotplug = HotplugMemory::new(
-            Arc::clone(&region),
-            BASE,
-            32 * MIB,
-            1,
-            Arc::new(Slots::default()),
-            mem.clone(),
-        )
-        .unwrap();
-        let mut dev = VirtioMem::new(
-            DeviceConfig::new(BASE, REGION, BLOCK),
-            hotplug,
-            Arc::new(Irq::default()),
-        )
-        .unwrap();
-        let features = dev.state().device_features();
-        dev.state_mut().ack_features(features).unwrap();
-        dev.set_requested_size(REGION).unwrap();
+        let dev = device_over(&region, BASE, &mem);
         Vm { dev, mem, region }
     }
 

@@ -14,13 +14,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use memory_backend::hugetlb::PoolGuard;
 use memory_backend::{HugePageSize, MemoryRegion, PopulateOptions, RegionConfig};
 use virtio_mem::wire::{Request, Response};
-use virtio_mem::{DeviceConfig, VirtioMem};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
-use vmm::hotplug::HotplugMemory;
 use vmm::memhp::{BackingArg, Populate};
 use vmm::memory::GuestMemoryHandle;
 
-use support::{Driver, Irq, Slots, BOOT_RINGS, RESP};
+use support::{device_over, Driver, BOOT_RINGS, RESP};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
@@ -53,24 +51,7 @@ fn plug_all_with_pool(pages: u64) -> Vec<Response> {
         )
         .unwrap(),
     );
-    let hotplug = HotplugMemory::new(
-        Arc::clone(&region),
-        BASE,
-        32 * MIB,
-        1,
-        Arc::new(Slots::default()),
-        mem.clone(),
-    )
-    .unwrap();
-    let mut dev = VirtioMem::new(
-        DeviceConfig::new(BASE, REGION, BLOCK),
-        hotplug,
-        Arc::new(Irq::default()),
-    )
-    .unwrap();
-    let f = dev.state().device_features();
-    dev.state_mut().ack_features(f).unwrap();
-    dev.set_requested_size(REGION).unwrap();
+    let mut dev = device_over(&region, BASE, &mem);
     let mut driver = Driver::new(&mem, BOOT_RINGS);
     dev.activate(driver.queue());
     let mut answers = Vec::new();

@@ -10,14 +10,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use memory_backend::MemoryRegion;
 use virtio_mem::wire::{RawRequest, RawResponse, Request, Response};
+use virtio_mem::{DeviceConfig, VirtioMem};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
-use vmm::hotplug::Memslots;
+use vmm::hotplug::{HotplugMemory, Memslots};
 use vmm::memory::GuestMemoryHandle;
 
 /// Queue size of the test driver.
@@ -167,4 +169,32 @@ impl Driver {
         let raw: RawResponse = self.mem.memory().read_obj(GuestAddress(at)).unwrap();
         raw.decode(false).unwrap()
     }
+}
+
+/// The device model over the real `HotplugMemory` of `region` at guest address `base`
+/// (32 MiB KVM slots, recorded only), features acknowledged, the whole region requested.
+pub fn device_over(
+    region: &Arc<MemoryRegion>,
+    base: u64,
+    mem: &GuestMemoryHandle,
+) -> VirtioMem<HotplugMemory, Arc<Irq>> {
+    let hotplug = HotplugMemory::new(
+        Arc::clone(region),
+        base,
+        32 << 20,
+        1,
+        Arc::new(Slots::default()),
+        mem.clone(),
+    )
+    .unwrap();
+    let mut dev = VirtioMem::new(
+        DeviceConfig::new(base, region.size(), region.block_size()),
+        hotplug,
+        Arc::new(Irq::default()),
+    )
+    .unwrap();
+    let features = dev.state().device_features();
+    dev.state_mut().ack_features(features).unwrap();
+    dev.set_requested_size(region.size()).unwrap();
+    dev
 }
