@@ -1,5 +1,5 @@
 //! Latency of `GET /v1/memory` (over the real API socket) and of config-space reads (as a
-//! vCPU does them, through the device's `VirtioDevice::read_config`) while a guest-side
+//! vCPU does them, through the transport face's `VirtioDevice::read_config`) while a guest-side
 //! model plugs a large size with populate, 128 MiB per request as Linux sends them.
 //!
 //! Two request paths in the same run, over the same real `memory-backend` region (KVM
@@ -7,7 +7,7 @@
 //!
 //! - `device-lock-held`: the request path before the two-phase change, the whole round
 //!   (populate included) under the device lock (`process_queue` on the shared device);
-//! - `two-phase`: the VMM's request thread (`VirtioMemDevice::activate`), which holds the
+//! - `two-phase`: the VMM's request thread (`VirtioMemMmio::activate`), which holds the
 //!   device only to take and to commit each request.
 //!
 //! Run: `ci/bench api_latency` (or `cargo bench -p vmm --bench api_latency -- [--size-gib N]
@@ -31,7 +31,9 @@ use virtio_mem::wire::{Request, Response};
 use virtio_mem::{DeviceConfig, VirtioMem};
 use virtio_mmio::{Activation, ActiveQueue, MmioInterrupt, VirtioDevice};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm::devices::virtio_mem::{IrqSlot, MemoryApi, SharedHotplug, SharedMem, VirtioMemDevice};
+use vmm::devices::virtio_mem::{
+    InterruptLine, MemoryApi, SharedHotplug, SharedVirtioMem, VirtioMemMmio,
+};
 use vmm::hotplug::HotplugMemory;
 use vmm::memory::GuestMemoryHandle;
 use vmm_api::ApiServer;
@@ -106,7 +108,7 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
         )
         .unwrap(),
     ));
-    let irq = Arc::new(IrqSlot::default());
+    let irq = Arc::new(InterruptLine::default());
     let mut model = VirtioMem::new(
         DeviceConfig::new(BASE, size, BLOCK),
         Arc::clone(&hotplug),
@@ -116,19 +118,18 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
     let features = model.state().device_features();
     model.state_mut().ack_features(features).unwrap();
     model.set_requested_size(size).unwrap();
-    let core: SharedMem = Arc::new(Mutex::new(model));
+    let device: SharedVirtioMem = Arc::new(Mutex::new(model));
     let mut driver = Driver::new(&mem, BOOT_RINGS);
     let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-    let device = Arc::new(Mutex::new(VirtioMemDevice::new(
-        Arc::clone(&core),
+    let mmio = Arc::new(Mutex::new(VirtioMemMmio::new(
+        Arc::clone(&device),
         Arc::clone(&hotplug),
         irq,
     )));
     let stop = Arc::new(AtomicBool::new(false));
     let old_path = match path {
         Path::TwoPhase => {
-            device
-                .lock()
+            mmio.lock()
                 .unwrap()
                 .activate(Activation {
                     mem: mem.clone(),
@@ -144,9 +145,9 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
             None
         }
         Path::DeviceLockHeld => {
-            core.lock().unwrap().activate(driver.queue());
-            let (core, mem, notify, stop) = (
-                Arc::clone(&core),
+            device.lock().unwrap().activate(driver.queue());
+            let (device, mem, notify, stop) = (
+                Arc::clone(&device),
                 mem.clone(),
                 notify.try_clone().unwrap(),
                 Arc::clone(&stop),
@@ -154,7 +155,7 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
             Some(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if notify.read().is_ok() {
-                        core.lock().unwrap().process_queue(mem.clone()).unwrap();
+                        device.lock().unwrap().process_queue(mem.clone()).unwrap();
                     } else {
                         std::thread::sleep(Duration::from_micros(50));
                     }
@@ -162,7 +163,7 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
             }))
         }
     };
-    let api = Arc::new(MemoryApi::new(Arc::clone(&core), Arc::clone(&region)));
+    let api = Arc::new(MemoryApi::new(Arc::clone(&device), Arc::clone(&region)));
     let server = ApiServer::start(socket, api).unwrap();
 
     let done = Arc::new(AtomicBool::new(false));
@@ -180,14 +181,14 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
         })
     };
     let config_sampler = {
-        let (done, device) = (Arc::clone(&done), Arc::clone(&device));
+        let (done, mmio) = (Arc::clone(&done), Arc::clone(&mmio));
         std::thread::spawn(move || {
             let mut v = Vec::new();
             let mut buf = [0u8; 8];
             while !done.load(Ordering::Relaxed) {
                 let t = Instant::now();
                 // plugged_size, as the driver reads it after each request.
-                device.lock().unwrap().read_config(0x28, &mut buf);
+                mmio.lock().unwrap().read_config(0x28, &mut buf);
                 v.push(t.elapsed());
                 std::thread::sleep(Duration::from_micros(500));
             }
@@ -233,7 +234,7 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
     }
 
     // Give the memory back before the next run.
-    core.lock().unwrap().set_requested_size(0).unwrap();
+    device.lock().unwrap().set_requested_size(0).unwrap();
     driver.submit(Request::UnplugAll);
     notify.write(1).unwrap();
     while driver.used().is_empty() {
@@ -244,7 +245,7 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
         t.join().unwrap();
     }
     drop(server);
-    drop(device);
+    drop(mmio);
     Figures {
         path,
         plug_s,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::memhp::{guest_cmdline, BackingArg, GuestOnline, HotplugConfig, Populate};
+use crate::hotplug::{guest_cmdline, BackingArg, GuestOnline, HotplugConfig, Populate};
 use crate::vm::VmConfig;
 
 /// A KVM VMM that boots Linux with virtio-mmio devices announced through ACPI.

@@ -8,6 +8,23 @@
 //!   run loop, [`layout`] the guest physical address map.
 //! - [`exit::ExitReason`] says how the guest ended: poweroff (ACPI S5), reboot (ACPI reset
 //!   register, i8042 reset, triple fault) or error; the binary maps it to its exit status.
+//!
+//! A resize, in the order it happens (one name per thing on the way):
+//!
+//! 1. `vmm_api` parses `PUT /v1/memory`; [`devices::virtio_mem::MemoryApi`] sets the
+//!    requested size on the device model, `virtio_mem::VirtioMem`, whose plug state
+//!    (`virtio_mem::PlugState`) raises the config-change interrupt through the
+//!    [`devices::virtio_mem::InterruptLine`].
+//! 2. The guest's requests reach the request thread of
+//!    [`devices::virtio_mem::VirtioMemMmio`] (the device's virtio-mmio face), which takes
+//!    each one under the device lock (`VirtioMem::take_request`), runs its host work
+//!    without the lock (`virtio_mem::HostWork::run`) and commits the answer
+//!    (`VirtioMem::finish_request`).
+//! 3. The host work is [`hotplug::HotplugMemory`], the device's `BlockBackend`: it
+//!    populates or discards through `memory_backend::MemoryRegion` (madvise, fallocate,
+//!    mprotect), adds or removes the KVM memory slot through its `Memslots`, and publishes
+//!    the devices' guest memory map ([`memory::GuestMemoryHandle`]). Its options are
+//!    [`hotplug::HotplugConfig`].
 
 pub mod acpi;
 pub mod boot;
@@ -19,7 +36,6 @@ pub mod diag;
 pub mod exit;
 pub mod hotplug;
 pub mod layout;
-pub mod memhp;
 pub mod memory;
 pub mod signals;
 pub mod terminal;

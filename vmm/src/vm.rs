@@ -23,12 +23,14 @@ use crate::cpu::{self, CpuError};
 use crate::devices::legacy::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, I8042, I8042_BASE, I8042_PORTS};
 use crate::devices::rng::{RngHandler, VirtioRng};
 use crate::devices::serial::{SerialDevice, SerialOut, StdinInput, COM1_BASE, COM_PORTS};
-use crate::devices::virtio_mem::{IrqSlot, MemoryApi, SharedHotplug, SharedMem, VirtioMemDevice};
+use crate::devices::virtio_mem::{
+    InterruptLine, MemoryApi, SharedHotplug, SharedVirtioMem, VirtioMemMmio,
+};
 use crate::diag::{self, DumpRequests, DumpSources, Dumper};
 use crate::exit::{exit_channel, ExitHandle, ExitReason, ExitWatch};
+use crate::hotplug::HotplugConfig;
 use crate::hotplug::{HotplugMemory, Memslots};
 use crate::layout::{COM1_IRQ, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use crate::memhp::HotplugConfig;
 use crate::memory::{self, GuestMemoryHandle, MemoryError, MemorySlots};
 use memory_backend::{MemoryRegion, PopulateOptions, RegionConfig};
 use vmm_api::ApiServer;
@@ -461,14 +463,14 @@ impl Vm {
         let backend: SharedHotplug = Arc::new(Mutex::new(backend));
         let mut dcfg = virtio_mem::DeviceConfig::new(addr, hp.region_size, hp.block_size);
         dcfg.requested_size = hp.requested_size;
-        let irq = Arc::new(IrqSlot::default());
-        let core: SharedMem = Arc::new(Mutex::new(
+        let irq = Arc::new(InterruptLine::default());
+        let device: SharedVirtioMem = Arc::new(Mutex::new(
             virtio_mem::VirtioMem::new(dcfg, Arc::clone(&backend), irq.clone())
                 .map_err(|e| hotplug(&e))?,
         ));
-        let dev = Arc::new(Mutex::new(VirtioMemDevice::new(core.clone(), backend, irq)));
-        self.add_virtio_device(dev)?;
-        Ok(MemoryApi::new(core, region))
+        let mmio = Arc::new(Mutex::new(VirtioMemMmio::new(device.clone(), backend, irq)));
+        self.add_virtio_device(mmio)?;
+        Ok(MemoryApi::new(device, region))
     }
 
     /// Adds the virtio entropy device and its queue handler.

@@ -15,7 +15,7 @@ use memory_backend::hugetlb::PoolGuard;
 use memory_backend::{HugePageSize, MemoryRegion, PopulateOptions, RegionConfig};
 use virtio_mem::wire::{Request, Response};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
-use vmm::memhp::{BackingArg, Populate};
+use vmm::hotplug::{BackingArg, Populate};
 use vmm::memory::GuestMemoryHandle;
 
 use support::{device_over, Driver, BOOT_RINGS, RESP};

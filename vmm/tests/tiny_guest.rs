@@ -286,11 +286,11 @@ fn a_region_needing_more_kvm_slots_than_kvm_has_is_refused_before_reserving_it()
     let mut vm = Vm::new(1, 64 << 20, Box::new(Sink::default())).unwrap();
     // 128 MiB slots (the memory block size for this boot RAM): one more than KVM has.
     let kvm_slots = u64::try_from(kvm_ioctls::Kvm::new().unwrap().get_nr_memslots()).unwrap();
-    let hp = vmm::memhp::HotplugConfig {
+    let hp = vmm::hotplug::HotplugConfig {
         region_size: (kvm_slots + 1) * (128 << 20),
         block_size: 2 << 20,
         requested_size: 0,
-        backing: vmm::memhp::BackingArg::Anon,
+        backing: vmm::hotplug::BackingArg::Anon,
         populate: false,
     };
     let e = vm.add_virtio_mem(&hp).err().unwrap().to_string();
@@ -298,7 +298,7 @@ fn a_region_needing_more_kvm_slots_than_kvm_has_is_refused_before_reserving_it()
         e.contains("KVM memory slots") && e.contains("at most"),
         "{e}"
     );
-    let fits = vmm::memhp::HotplugConfig {
+    let fits = vmm::hotplug::HotplugConfig {
         region_size: 1 << 30,
         ..hp
     };

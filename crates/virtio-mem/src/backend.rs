@@ -13,7 +13,7 @@ use std::io;
 /// failed range; the driver retries later (or sooner, on a configuration change). A
 /// transient failure (out of memory, an empty hugetlb pool) may pass; a permanent one (a
 /// refused KVM memslot, a broken backing) will not, so the device logs it at error level
-/// once. Either way it is kept for the operator ([`crate::MemState::host_error`]) until
+/// once. Either way it is kept for the operator ([`crate::PlugState::host_error`]) until
 /// host work succeeds again: the guest never retries unseen.
 #[derive(Debug, thiserror::Error)]
 #[error("host could not {op} guest range [{addr:#x}, {addr:#x} + {len:#x}): {reason}")]

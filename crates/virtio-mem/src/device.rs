@@ -4,8 +4,8 @@
 //! checked range inside the usable region, current block state) -> act (the backend does
 //! the host work, which may fail) -> commit (bitmap and `plugged_size`) -> respond. Nothing
 //! is committed before the host work succeeded, so a failed request changes nothing. The
-//! act step needs nothing of the device ([`MemState::prepare`], [`HostWork::run`],
-//! [`MemState::commit`]), so a VMM can do it without holding the device: reads of the
+//! act step needs nothing of the device ([`PlugState::prepare`], [`HostWork::run`],
+//! [`PlugState::commit`]), so a VMM can do it without holding the device: reads of the
 //! configuration and resizes are then never held up by populate or memslot work.
 //!
 //! Response choice follows the spec and `virtio-mem-notes.md` ("Device rules"): ERROR only
@@ -199,7 +199,7 @@ pub struct ResizeOutcome {
 /// Drive it through [`crate::VirtioMem`] (which adds the queue and notifications); the
 /// state is public so tests and the VMM can read it.
 #[derive(Debug)]
-pub struct MemState<B> {
+pub struct PlugState<B> {
     cfg: DeviceConfig,
     usable_region_size: u64,
     requested_size: u64,
@@ -216,7 +216,7 @@ pub struct MemState<B> {
     busy_log: RateLimit,
 }
 
-/// The result of [`MemState::prepare`].
+/// The result of [`PlugState::prepare`].
 #[derive(Debug)]
 pub enum Prepared {
     /// Answered without host work.
@@ -234,8 +234,8 @@ struct Run {
 }
 
 /// The host work of one request (plug or unplug of one or more runs of blocks), decided by
-/// [`MemState::prepare`], done by [`HostWork::run`] without the device, committed by
-/// [`MemState::commit`].
+/// [`PlugState::prepare`], done by [`HostWork::run`] without the device, committed by
+/// [`PlugState::commit`].
 #[derive(Debug)]
 #[must_use = "prepared host work must be committed, or the device answers BUSY forever"]
 pub struct HostWork {
@@ -287,7 +287,7 @@ impl HostWork {
     }
 }
 
-impl<B: BlockBackend> MemState<B> {
+impl<B: BlockBackend> PlugState<B> {
     /// Validates `cfg` and builds a device with every block unplugged.
     ///
     /// # Errors
@@ -296,7 +296,7 @@ impl<B: BlockBackend> MemState<B> {
     pub fn new(cfg: DeviceConfig, backend: B) -> Result<Self, VirtioMemError> {
         cfg.validate()?;
         let nr_blocks = cfg.region_size / cfg.block_size;
-        let mut state = MemState {
+        let mut state = PlugState {
             usable_region_size: 0,
             requested_size: cfg.requested_size,
             bitmap: BlockBitmap::new(nr_blocks),
@@ -409,7 +409,7 @@ impl<B: BlockBackend> MemState<B> {
         f
     }
 
-    /// Features the driver accepted (valid after [`MemState::ack_features`]).
+    /// Features the driver accepted (valid after [`PlugState::ack_features`]).
     pub fn acked_features(&self) -> u64 {
         self.acked_features
     }
@@ -432,7 +432,7 @@ impl<B: BlockBackend> MemState<B> {
     ///
     /// # Errors
     ///
-    /// As [`MemState::ack_features`].
+    /// As [`PlugState::ack_features`].
     pub fn check_features(&self, driver: u64) -> Result<(), VirtioMemError> {
         let unknown = driver & !self.device_features();
         if unknown != 0 {
@@ -508,7 +508,7 @@ impl<B: BlockBackend> MemState<B> {
     }
 
     /// Answers one request, doing its host work on the device's own backend. Counts it in
-    /// the metrics. [`MemState::prepare`] and [`MemState::commit`] are the same in two
+    /// the metrics. [`PlugState::prepare`] and [`PlugState::commit`] are the same in two
     /// halves, for a caller that does the host work without holding the device.
     pub fn handle(&mut self, req: Request) -> Response {
         match self.prepare(req) {
@@ -523,7 +523,7 @@ impl<B: BlockBackend> MemState<B> {
     /// Validates a request. Requests that need no host work (STATE, invalid ones, a PLUG
     /// beyond the requested size) are answered and counted here; the others come back as
     /// [`HostWork`], to be run on the backend ([`HostWork::run`], which needs nothing of
-    /// the device) and then given to [`MemState::commit`]. Nothing changes until then.
+    /// the device) and then given to [`PlugState::commit`]. Nothing changes until then.
     ///
     /// One request's host work at a time: while one is outstanding, further requests are
     /// answered BUSY (the driver retries), as a second could act on blocks the first is
@@ -703,8 +703,8 @@ mod tests {
     const BASE: u64 = 4 << 30;
     const BLOCK: u64 = 2 << 20;
 
-    fn state() -> MemState<RecordingBackend> {
-        let mut s = MemState::new(
+    fn state() -> PlugState<RecordingBackend> {
+        let mut s = PlugState::new(
             DeviceConfig::new(BASE, 64 * BLOCK, BLOCK),
             RecordingBackend::default(),
         )
@@ -820,7 +820,7 @@ mod tests {
     #[test]
     fn a_host_failure_is_kept_for_the_operator_until_host_work_succeeds() {
         let mut s =
-            MemState::new(DeviceConfig::new(BASE, 64 * BLOCK, BLOCK), Broken(true)).unwrap();
+            PlugState::new(DeviceConfig::new(BASE, 64 * BLOCK, BLOCK), Broken(true)).unwrap();
         s.set_requested_size(8 * BLOCK).unwrap();
         assert_eq!(s.handle(plug(BASE, 1)), Response::Busy);
         assert_eq!(s.handle(plug(BASE, 1)), Response::Busy);

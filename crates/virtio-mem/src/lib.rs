@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use backend::{BackendError, BlockBackend, Interrupt};
 pub use bitmap::BlockBitmap;
-pub use device::{DeviceConfig, HostWork, MemState, Prepared, ResizeOutcome, VirtioMemError};
+pub use device::{DeviceConfig, HostWork, PlugState, Prepared, ResizeOutcome, VirtioMemError};
 pub use metrics::{Metrics, RateLimit};
 pub use queue::{Completion, MalformedChain, TakenRequest, VirtioMem};
 pub use wire::{BlockState, Request, Response};

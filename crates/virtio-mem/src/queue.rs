@@ -19,7 +19,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
 use crate::backend::{BlockBackend, Interrupt};
-use crate::device::{DeviceConfig, HostWork, MemState, Prepared, ResizeOutcome, VirtioMemError};
+use crate::device::{DeviceConfig, HostWork, PlugState, Prepared, ResizeOutcome, VirtioMemError};
 use crate::metrics::RateLimit;
 use crate::wire::{RawRequest, RawResponse, Request, Response, REQUEST_SIZE, RESPONSE_SIZE};
 
@@ -173,7 +173,7 @@ fn scatter<M: GuestMemory>(mem: &M, bufs: &[(GuestAddress, u32)], data: &[u8]) -
 /// ```
 #[derive(Debug)]
 pub struct VirtioMem<B, I> {
-    state: MemState<B>,
+    state: PlugState<B>,
     queue: Option<Queue>,
     interrupt: I,
     malformed_log: RateLimit,
@@ -188,7 +188,7 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
     /// A [`VirtioMemError`] naming the invalid configuration parameter.
     pub fn new(cfg: DeviceConfig, backend: B, interrupt: I) -> Result<Self, VirtioMemError> {
         Ok(VirtioMem {
-            state: MemState::new(cfg, backend)?,
+            state: PlugState::new(cfg, backend)?,
             queue: None,
             interrupt,
             malformed_log: RateLimit::new(Duration::from_secs(5), 10),
@@ -197,12 +197,12 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
     }
 
     /// The device state (sizes, bitmap, features, metrics).
-    pub fn state(&self) -> &MemState<B> {
+    pub fn state(&self) -> &PlugState<B> {
         &self.state
     }
 
     /// The device state, mutable: feature negotiation and backend bookkeeping.
-    pub fn state_mut(&mut self) -> &mut MemState<B> {
+    pub fn state_mut(&mut self) -> &mut PlugState<B> {
         &mut self.state
     }
 
@@ -325,7 +325,7 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
     }
 
     /// Takes the next available chain, reads its request and validates it
-    /// ([`MemState::prepare`]). `None` when there is none (or no queue, or the ring is
+    /// ([`PlugState::prepare`]). `None` when there is none (or no queue, or the ring is
     /// unreadable). The view of guest memory it used is dropped before it returns, so
     /// the request's host work never runs while this device holds one.
     pub fn take_request<A: GuestAddressSpace>(&mut self, space: &A) -> Option<TakenRequest> {
@@ -358,7 +358,7 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
         })
     }
 
-    /// Commits the request's host work ([`MemState::commit`]), then writes the response
+    /// Commits the request's host work ([`PlugState::commit`]), then writes the response
     /// and returns the chain to the driver through a view of guest memory taken now (after
     /// any unplug of this request). `None` when the used element could not be added
     /// (counted and logged): the round should stop.

@@ -28,20 +28,17 @@ use crate::memory::GuestMemoryHandle;
 /// thread (which does the host work without holding the device).
 pub type SharedHotplug = Arc<Mutex<HotplugMemory>>;
 
-/// The device model with the VMM's backend and interrupt.
-pub type MemDevice = VirtioMem<SharedHotplug, Arc<IrqSlot>>;
-
-/// The transport's interrupt, once the transport hands it over.
+/// The transport's interrupt line, once the transport hands it over at activation.
 #[derive(Default)]
-pub struct IrqSlot(Mutex<Option<Arc<dyn VirtioInterrupt>>>);
+pub struct InterruptLine(Mutex<Option<Arc<dyn VirtioInterrupt>>>);
 
-impl std::fmt::Debug for IrqSlot {
+impl std::fmt::Debug for InterruptLine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("IrqSlot")
+        f.write_str("InterruptLine")
     }
 }
 
-impl IrqSlot {
+impl InterruptLine {
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
         let irq = self
             .0
@@ -56,7 +53,7 @@ impl IrqSlot {
     }
 }
 
-impl virtio_mem::Interrupt for IrqSlot {
+impl virtio_mem::Interrupt for InterruptLine {
     fn signal_used_queue(&self) -> std::io::Result<()> {
         self.trigger(InterruptKind::UsedBuffer)
     }
@@ -66,10 +63,11 @@ impl virtio_mem::Interrupt for IrqSlot {
     }
 }
 
-/// Shared handle to the device model.
-pub type SharedMem = Arc<Mutex<MemDevice>>;
+/// The device model, with the VMM's hotplug memory as its backend, shared by the
+/// transport face ([`VirtioMemMmio`]), its request thread and the memory API.
+pub type SharedVirtioMem = Arc<Mutex<VirtioMem<SharedHotplug, Arc<InterruptLine>>>>;
 
-fn lock(dev: &SharedMem) -> MutexGuard<'_, MemDevice> {
+fn lock(dev: &SharedVirtioMem) -> MutexGuard<'_, VirtioMem<SharedHotplug, Arc<InterruptLine>>> {
     // A panic while holding the lock cannot leave the model half-updated (it commits
     // after the host work), so the state is still the best truth available.
     dev.lock().unwrap_or_else(PoisonError::into_inner)
@@ -89,26 +87,26 @@ fn lock_hotplug(hotplug: &SharedHotplug) -> MutexGuard<'_, HotplugMemory> {
 }
 
 /// The virtio-mmio face of the device.
-pub struct VirtioMemDevice {
-    core: SharedMem,
+pub struct VirtioMemMmio {
+    device: SharedVirtioMem,
     hotplug: SharedHotplug,
-    irq: Arc<IrqSlot>,
+    irq: Arc<InterruptLine>,
     worker: Option<Worker>,
 }
 
-impl std::fmt::Debug for VirtioMemDevice {
+impl std::fmt::Debug for VirtioMemMmio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtioMemDevice")
+        f.debug_struct("VirtioMemMmio")
             .field("active", &self.worker.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl VirtioMemDevice {
+impl VirtioMemMmio {
     /// Wraps a device model whose interrupt is `irq` and whose backend is `hotplug`.
-    pub fn new(core: SharedMem, hotplug: SharedHotplug, irq: Arc<IrqSlot>) -> Self {
-        VirtioMemDevice {
-            core,
+    pub fn new(device: SharedVirtioMem, hotplug: SharedHotplug, irq: Arc<InterruptLine>) -> Self {
+        VirtioMemMmio {
+            device,
             hotplug,
             irq,
             worker: None,
@@ -128,7 +126,7 @@ impl VirtioMemDevice {
     }
 }
 
-impl Drop for VirtioMemDevice {
+impl Drop for VirtioMemMmio {
     fn drop(&mut self) {
         self.stop_worker();
     }
@@ -198,29 +196,29 @@ impl Waiter {
 
 /// One round of requests: each taken and committed under the device lock, its host work
 /// done under the hotplug lock only.
-fn serve_round(core: &SharedMem, hotplug: &SharedHotplug, mem: &GuestMemoryHandle) {
-    let budget = lock(core).round_budget();
+fn serve_round(device: &SharedVirtioMem, hotplug: &SharedHotplug, mem: &GuestMemoryHandle) {
+    let budget = lock(device).round_budget();
     let mut answered = 0;
     while answered < budget {
-        let Some(mut taken) = lock(core).take_request(mem) else {
+        let Some(mut taken) = lock(device).take_request(mem) else {
             break;
         };
         if let Some(work) = taken.host_work() {
             // The Arc's BlockBackend impl takes the hotplug lock for each call.
             work.run(&mut Arc::clone(hotplug));
         }
-        if lock(core).finish_request(mem, taken).is_none() {
+        if lock(device).finish_request(mem, taken).is_none() {
             break;
         }
         answered += 1;
     }
     if answered > 0 {
-        lock(core).signal_used(mem);
+        lock(device).signal_used(mem);
     }
 }
 
 fn serve(
-    core: SharedMem,
+    device: SharedVirtioMem,
     hotplug: SharedHotplug,
     mem: GuestMemoryHandle,
     notify: EventFd,
@@ -244,13 +242,13 @@ fn serve(
             Wake::Notify => {
                 // Non-blocking: a spurious wake-up just finds the queue empty.
                 let _ = notify.read();
-                serve_round(&core, &hotplug, &mem);
+                serve_round(&device, &hotplug, &mem);
             }
         }
     }
 }
 
-impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
+impl VirtioDevice<GuestMemoryHandle> for VirtioMemMmio {
     fn device_type(&self) -> u32 {
         virtio_mem::wire::VIRTIO_ID_MEM
     }
@@ -260,11 +258,11 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
     }
 
     fn device_features(&self) -> u64 {
-        lock(&self.core).state().device_features()
+        lock(&self.device).state().device_features()
     }
 
     fn features_acceptable(&self, features: u64) -> bool {
-        match lock(&self.core).state().check_features(features) {
+        match lock(&self.device).state().check_features(features) {
             Ok(()) => true,
             Err(e) => {
                 warn!("virtio-mem: refusing the driver's features: {e}");
@@ -274,17 +272,17 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
     }
 
     fn ack_features(&mut self, features: u64) {
-        if let Err(e) = lock(&self.core).state_mut().ack_features(features) {
+        if let Err(e) = lock(&self.device).state_mut().ack_features(features) {
             warn!("virtio-mem: {e}");
         }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        lock(&self.core).read_config(offset, data);
+        lock(&self.device).read_config(offset, data);
     }
 
     fn config_generation(&self) -> u32 {
-        lock(&self.core).state().config_generation()
+        lock(&self.device).state().config_generation()
     }
 
     fn set_interrupt(&mut self, interrupt: Arc<dyn VirtioInterrupt>) {
@@ -299,17 +297,17 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
             .find(|q| q.index == 0)
             .ok_or(ActivateError::MissingQueue { index: 0 })?;
         self.stop_worker();
-        lock(&self.core).activate(q.queue);
+        lock(&self.device).activate(q.queue);
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| ActivateError::Setup(e.to_string()))?;
         let stop_copy = stop
             .try_clone()
             .map_err(|e| ActivateError::Setup(e.to_string()))?;
-        let core = Arc::clone(&self.core);
+        let device = Arc::clone(&self.device);
         let hotplug = Arc::clone(&self.hotplug);
         let mem = activation.mem;
         let thread = std::thread::Builder::new()
             .name("virtio-mem".into())
-            .spawn(move || serve(core, hotplug, mem, q.notify, stop_copy))
+            .spawn(move || serve(device, hotplug, mem, q.notify, stop_copy))
             .map_err(|e| ActivateError::Setup(e.to_string()))?;
         self.worker = Some(Worker { stop, thread });
         info!("virtio-mem: driver ready");
@@ -318,7 +316,7 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
 
     fn reset(&mut self) {
         self.stop_worker();
-        lock(&self.core).reset();
+        lock(&self.device).reset();
         // No request thread is left to do it once the guest goes quiet.
         lock_hotplug(&self.hotplug).release_idle_slots();
     }
@@ -327,7 +325,7 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemDevice {
 /// The memory API's view of the device. It never takes the hotplug memory's lock, which
 /// the request thread holds during host work, nor measures host memory itself.
 pub struct MemoryApi {
-    core: SharedMem,
+    device: SharedVirtioMem,
     resident: ResidentSampler,
 }
 
@@ -386,23 +384,23 @@ impl ResidentSampler {
 }
 
 impl MemoryApi {
-    /// Serves `core`, whose host memory is `region`.
-    pub fn new(core: SharedMem, region: Arc<memory_backend::MemoryRegion>) -> Self {
+    /// Serves `device`, whose host memory is `region`.
+    pub fn new(device: SharedVirtioMem, region: Arc<memory_backend::MemoryRegion>) -> Self {
         MemoryApi {
-            core,
+            device,
             resident: ResidentSampler::start(region),
         }
     }
 
     /// The size the guest is asked to plug now.
     pub fn requested_size(&self) -> u64 {
-        lock(&self.core).state().requested_size()
+        lock(&self.device).state().requested_size()
     }
 }
 
 impl MemoryControl for MemoryApi {
     fn status(&self) -> MemoryStatus {
-        let dev = lock(&self.core);
+        let dev = lock(&self.device);
         let s = dev.state();
         let mut status = MemoryStatus {
             region_addr: s.config().addr,
@@ -421,7 +419,7 @@ impl MemoryControl for MemoryApi {
     }
 
     fn resize(&self, requested_size: u64) -> Result<MemoryStatus, ResizeError> {
-        lock(&self.core)
+        lock(&self.device)
             .set_requested_size(requested_size)
             .map_err(|e| match e {
                 VirtioMemError::UnalignedRequestedSize { size, block_size } => {

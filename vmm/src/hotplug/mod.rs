@@ -1,5 +1,6 @@
-//! The virtio-mem region's host side: the memory-backend region, the KVM memslots that
-//! follow plugged memory, and the guest memory map devices see.
+//! The virtio-mem region's host side: its options, checked before the VM starts
+//! ([`HotplugConfig`]), the memory-backend region, the KVM memslots that follow plugged
+//! memory, and the guest memory map devices see.
 //!
 //! The region is split into fixed-size slots (at least one guest memory block, so a slot
 //! never splits one). A slot is registered with KVM when it gets its first plugged block
@@ -31,6 +32,12 @@ use vm_memory::{
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::memory::GuestMemoryHandle;
+
+mod config;
+
+pub use config::{
+    guest_cmdline, BackingArg, GuestOnline, HotplugConfig, HotplugConfigError, Populate,
+};
 
 /// Registers and removes KVM memslots; a trait so the slot logic is testable without KVM.
 pub trait Memslots: Send + Sync {
