@@ -279,7 +279,10 @@ impl Guest {
         let memtotal_kb = last.get_u64("memtotal_kb").unwrap_or(0);
         let mut guest_latency_s = None;
         if reached {
-            let d = self.agent("dmesg_tail 8 requested size:|guest-agent: mem_reached", QUICK)?;
+            let d = self.agent(
+                "dmesg_tail 8 requested size:|guest-agent: mem_reached",
+                QUICK,
+            )?;
             guest_latency_s = latency_from_dmesg(&Report::from_lines(&d).dmesg, target);
         }
         Ok(ResizeOutcome {

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use memory_backend::{MemoryRegion, PopulateOptions, RegionConfig};
+use memory_backend::{BlockLayout, MemoryRegion, PopulateOptions, RegionConfig};
 use virtio_mem::wire::{Request, Response};
 use virtio_mem::{DeviceConfig, VirtioMem};
 use virtio_mmio::{Activation, ActiveQueue, MmioInterrupt, VirtioDevice};
@@ -93,14 +93,14 @@ struct Figures {
 fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
     let boot = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let mem = GuestMemoryHandle::new(boot);
+    let layout = BlockLayout::new(BASE, size, BLOCK).unwrap();
     let region = Arc::new(
-        MemoryRegion::new(RegionConfig::new(size, BLOCK).with_populate(PopulateOptions::default()))
+        MemoryRegion::new(RegionConfig::new(layout).with_populate(PopulateOptions::default()))
             .unwrap(),
     );
     let hotplug: SharedHotplug = Arc::new(Mutex::new(
         HotplugMemory::new(
             Arc::clone(&region),
-            BASE,
             1 << 30,
             1,
             Arc::new(Slots::default()),
@@ -110,7 +110,7 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
     ));
     let irq = Arc::new(InterruptLine::default());
     let mut model = VirtioMem::new(
-        DeviceConfig::new(BASE, size, BLOCK),
+        DeviceConfig::new(layout),
         Arc::clone(&hotplug),
         Arc::clone(&irq),
     )

@@ -28,8 +28,7 @@ use crate::devices::virtio_mem::{
 };
 use crate::diag::{self, DumpRequests, DumpSources, Dumper};
 use crate::exit::{exit_channel, ExitHandle, ExitReason, ExitWatch};
-use crate::hotplug::HotplugConfig;
-use crate::hotplug::{HotplugMemory, Memslots};
+use crate::hotplug::{HotplugConfig, HotplugConfigError, HotplugMemory, Memslots};
 use crate::layout::{COM1_IRQ, IRQ_MAX, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::{self, GuestMemoryHandle, MemoryError, MemorySlots};
 use memory_backend::{MemoryRegion, PopulateOptions, RegionConfig};
@@ -117,9 +116,44 @@ pub enum VmError {
     /// The event loop failed.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
-    /// The virtio-mem device or its memory could not be set up.
-    #[error("memory hotplug: {0}")]
-    Hotplug(String),
+    /// The memory hotplug options do not make a region this guest can use.
+    #[error("memory hotplug options: {0}")]
+    HotplugOptions(#[from] HotplugConfigError),
+    /// The region needs more KVM memory slots than KVM offers.
+    #[error(
+        "--hotplug-size {region_size:#x} needs {needed} KVM memory slots of {slot_size:#x} \
+         bytes (plus {boot} for boot RAM), but KVM offers {offered}: give a --hotplug-size \
+         of at most {fit:#x}"
+    )]
+    TooManySlots {
+        /// The region size asked for.
+        region_size: u64,
+        /// Slots the region needs.
+        needed: u64,
+        /// Slot size.
+        slot_size: u64,
+        /// Slots boot RAM holds.
+        boot: u64,
+        /// KVM_CAP_NR_MEMSLOTS.
+        offered: u64,
+        /// The largest region that fits.
+        fit: u64,
+    },
+    /// The host memory of the virtio-mem region could not be reserved.
+    #[error("virtio-mem host memory: {0}")]
+    HotplugRegion(#[from] memory_backend::MemoryBackendError),
+    /// The hotplug memory (slots, timer, guest memory map) could not be set up.
+    #[error("virtio-mem: {0}")]
+    HotplugMemory(#[from] crate::hotplug::HotplugError),
+    /// The virtio-mem device model refused its configuration.
+    #[error("virtio-mem device: {0}")]
+    VirtioMem(#[from] virtio_mem::VirtioMemError),
+    /// The API socket could not be served.
+    #[error("API socket: {0}")]
+    Api(#[from] vmm_api::ApiServerError),
+    /// `--api-socket` was given without a virtio-mem device to control.
+    #[error("--api-socket needs a virtio-mem device: give --hotplug-size")]
+    ApiWithoutHotplug,
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmError {
@@ -407,14 +441,14 @@ impl Vm {
     ///
     /// # Errors
     ///
-    /// [`VmError::Hotplug`] naming what failed (options, host reservation, device).
+    /// [`VmError::HotplugOptions`], [`VmError::TooManySlots`], [`VmError::HotplugRegion`],
+    /// [`VmError::HotplugMemory`] or [`VmError::VirtioMem`], naming what failed.
     pub fn add_virtio_mem(&mut self, hp: &HotplugConfig) -> Result<MemoryApi, VmError> {
-        let hotplug = |e: &dyn std::fmt::Display| VmError::Hotplug(e.to_string());
-        let addr = hp.validate(self.mem_size).map_err(|e| hotplug(&e))?;
-        match crate::cpu::guest_phys_bits(&self.kvm).map_err(|e| hotplug(&e))? {
-            Some(bits) => hp
-                .check_address_width(addr, bits)
-                .map_err(|e| hotplug(&e))?,
+        // Validated once: the device, the host region and the hotplug memory all take
+        // this layout.
+        let layout = hp.validate(self.mem_size)?;
+        match cpu::guest_phys_bits(&self.kvm)? {
+            Some(bits) => hp.check_address_width(layout.addr(), bits)?,
             None => warn!(
                 "KVM reports no guest physical address width: cannot check that the guest \
                  can address the virtio-mem region"
@@ -424,50 +458,49 @@ impl Vm {
             warn!("{w}");
         }
         let slot_size = hp.slot_size(self.mem_size);
-        let nr_slots = hp.region_size.div_ceil(slot_size);
+        let nr_slots = layout.size().div_ceil(slot_size);
         let first_slot = self.slots.next_free();
         // Slots below the first are boot RAM's.
         let boot_slots = u64::from(first_slot);
         let kvm_slots = u64::try_from(self.kvm.get_nr_memslots()).unwrap_or(0);
         if boot_slots.saturating_add(nr_slots) > kvm_slots {
-            return Err(VmError::Hotplug(format!(
-                "--hotplug-size {} needs {nr_slots} KVM memory slots of {slot_size:#x} bytes \
-                 (plus {boot_slots} for boot RAM), but KVM offers {kvm_slots}: give a \
-                 --hotplug-size of at most {:#x}",
-                hp.region_size,
-                kvm_slots
+            return Err(VmError::TooManySlots {
+                region_size: layout.size(),
+                needed: nr_slots,
+                slot_size,
+                boot: boot_slots,
+                offered: kvm_slots,
+                fit: kvm_slots
                     .saturating_sub(boot_slots)
-                    .saturating_mul(slot_size)
-            )));
+                    .saturating_mul(slot_size),
+            });
         }
         for _ in 1..nr_slots {
             self.slots.next_free();
         }
-        let mut rcfg =
-            RegionConfig::new(hp.region_size, hp.block_size).with_backing(hp.backing.backing());
+        let mut rcfg = RegionConfig::new(layout).with_backing(hp.backing.backing());
         if hp.populate {
             rcfg = rcfg.with_populate(PopulateOptions::default());
         }
-        let region = Arc::new(MemoryRegion::new(rcfg).map_err(|e| hotplug(&e))?);
-        crate::hotplug::log_layout(addr, hp.region_size, hp.block_size, slot_size);
+        let region = Arc::new(MemoryRegion::new(rcfg)?);
+        crate::hotplug::log_layout(&layout, slot_size);
         let memslots: Arc<dyn Memslots> = self.vm.clone();
         let backend = HotplugMemory::new(
             Arc::clone(&region),
-            addr,
             slot_size,
             first_slot,
             memslots,
             self.mem_handle.clone(),
-        )
-        .map_err(|e| hotplug(&e))?;
+        )?;
         let backend: SharedHotplug = Arc::new(Mutex::new(backend));
-        let mut dcfg = virtio_mem::DeviceConfig::new(addr, hp.region_size, hp.block_size);
+        let mut dcfg = virtio_mem::DeviceConfig::new(layout);
         dcfg.requested_size = hp.requested_size;
         let irq = Arc::new(InterruptLine::default());
-        let device: SharedVirtioMem = Arc::new(Mutex::new(
-            virtio_mem::VirtioMem::new(dcfg, Arc::clone(&backend), irq.clone())
-                .map_err(|e| hotplug(&e))?,
-        ));
+        let device: SharedVirtioMem = Arc::new(Mutex::new(virtio_mem::VirtioMem::new(
+            dcfg,
+            Arc::clone(&backend),
+            irq.clone(),
+        )?));
         let mmio = Arc::new(Mutex::new(VirtioMemMmio::new(device.clone(), backend, irq)));
         self.add_virtio_device(mmio)?;
         Ok(MemoryApi::new(device, region))
@@ -632,15 +665,11 @@ pub fn run_outcome(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         .map(|hp| vm.add_virtio_mem(hp).map(Arc::new))
         .transpose()?;
     let _api = match (&cfg.api_socket, &memory) {
-        (Some(path), Some(memory)) => Some(
-            ApiServer::start(path, Arc::clone(memory) as Arc<dyn vmm_api::MemoryControl>)
-                .map_err(|e| VmError::Hotplug(e.to_string()))?,
-        ),
-        (Some(_), None) => {
-            return Err(VmError::Hotplug(
-                "--api-socket needs a virtio-mem device: give --hotplug-size".into(),
-            ))
-        }
+        (Some(path), Some(memory)) => Some(ApiServer::start(
+            path,
+            Arc::clone(memory) as Arc<dyn vmm_api::MemoryControl>,
+        )?),
+        (Some(_), None) => return Err(VmError::ApiWithoutHotplug),
         (None, _) => None,
     };
     vm.forward_stdin();

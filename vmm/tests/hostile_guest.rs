@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use memory_backend::{MemoryRegion, RegionConfig};
+use memory_backend::MemoryRegion;
 use virtio_mem::wire::{RawResponse, Request, Response};
 use virtio_mem::VirtioMem;
 use virtio_mmio::{Activation, ActiveQueue, MmioInterrupt, VirtioDevice};
@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 mod support;
 
-use support::{device_over, Driver, Irq, Rings, Slots, BOOT_RINGS, F_WRITE, REQ, RESP};
+use support::{device_over, region_at, Driver, Irq, Rings, Slots, BOOT_RINGS, F_WRITE, REQ, RESP};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
@@ -43,8 +43,8 @@ impl Vm {
     fn new() -> Self {
         let boot = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), BOOT_RAM)]).unwrap();
         let mem = GuestMemoryHandle::new(boot);
-        let region = Arc::new(MemoryRegion::new(RegionConfig::new(REGION, BLOCK)).unwrap());
-        let dev = device_over(&region, BASE, &mem);
+        let region = Arc::new(MemoryRegion::new(region_at(BASE, REGION, BLOCK)).unwrap());
+        let dev = device_over(&region, &mem);
         Vm { dev, mem, region }
     }
 
@@ -320,10 +320,9 @@ fn alternating_plugs_cannot_exhaust_the_hosts_memory_mappings() {
     let mem = GuestMemoryHandle::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), BOOT_RAM)]).unwrap(),
     );
-    let region = Arc::new(MemoryRegion::new(RegionConfig::new(64 << 30, BLOCK)).unwrap());
+    let region = Arc::new(MemoryRegion::new(region_at(BASE, 64 << 30, BLOCK)).unwrap());
     let mut h = HotplugMemory::new(
         Arc::clone(&region),
-        BASE,
         128 * MIB,
         1,
         Arc::new(Slots::default()),

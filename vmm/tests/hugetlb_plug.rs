@@ -12,13 +12,13 @@ mod support;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use memory_backend::hugetlb::PoolGuard;
-use memory_backend::{HugePageSize, MemoryRegion, PopulateOptions, RegionConfig};
+use memory_backend::{HugePageSize, MemoryRegion, PopulateOptions};
 use virtio_mem::wire::{Request, Response};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm::hotplug::{BackingArg, Populate};
 use vmm::memory::GuestMemoryHandle;
 
-use support::{device_over, Driver, BOOT_RINGS, RESP};
+use support::{device_over, region_at, Driver, BOOT_RINGS, RESP};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
@@ -45,13 +45,13 @@ fn plug_all_with_pool(pages: u64) -> Vec<Response> {
     );
     let region = Arc::new(
         MemoryRegion::new(
-            RegionConfig::new(REGION, BLOCK)
+            region_at(BASE, REGION, BLOCK)
                 .with_backing(backing.backing())
                 .with_populate(PopulateOptions::default()),
         )
         .unwrap(),
     );
-    let mut dev = device_over(&region, BASE, &mem);
+    let mut dev = device_over(&region, &mem);
     let mut driver = Driver::new(&mem, BOOT_RINGS);
     dev.activate(driver.queue());
     let mut answers = Vec::new();

@@ -126,7 +126,9 @@ fn kinds(size: u64) -> Vec<Kind> {
 }
 
 fn region(kind: &Kind, size: u64) -> MemoryRegion {
-    let mut cfg = RegionConfig::new(size, 2 * MIB).with_backing(kind.backing.clone());
+    let mut cfg = RegionConfig::sized(size, 2 * MIB)
+        .unwrap()
+        .with_backing(kind.backing.clone());
     cfg.transparent_hugepages = kind.thp;
     MemoryRegion::new(cfg).unwrap()
 }

@@ -32,6 +32,7 @@ pub mod hugetlb;
 pub mod probe;
 
 pub use backing::{Backing, BackingKind, DiscardMethod, HugePageSize};
+pub use block_layout::{BlockLayout, LayoutError};
 pub use error::MemoryBackendError;
 pub use populate::{PopulateMethod, PopulateOptions, PopulateReport};
 pub use region::{MemoryRegion, RangeAccessError, RegionConfig, RegionUsage};

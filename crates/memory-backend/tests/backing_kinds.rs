@@ -52,7 +52,9 @@ fn disk_region(name: &str, size: u64, populate: bool) -> (TempPath, MemoryRegion
 }
 
 fn region(backing: Backing, size: u64, populate: bool) -> MemoryRegion {
-    let mut cfg = RegionConfig::new(size, 2 * MIB).with_backing(backing);
+    let mut cfg = RegionConfig::sized(size, 2 * MIB)
+        .unwrap()
+        .with_backing(backing);
     if populate {
         cfg = cfg.with_populate(PopulateOptions::default());
     }

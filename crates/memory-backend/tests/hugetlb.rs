@@ -41,7 +41,9 @@ fn pool(size: HugePageSize, pages: u64) -> PoolGuard {
 }
 
 fn region(backing: Backing, size: u64, block: u64, populate: bool) -> MemoryRegion {
-    let mut cfg = RegionConfig::new(size, block).with_backing(backing);
+    let mut cfg = RegionConfig::sized(size, block)
+        .unwrap()
+        .with_backing(backing);
     if populate {
         cfg = cfg.with_populate(PopulateOptions::default());
     }
@@ -195,7 +197,9 @@ fn block_smaller_than_huge_page_is_refused() {
     let size = HugePageSize::Size1G;
     let has_1g = std::path::Path::new(&size.sysfs_dir()).exists();
     let e = MemoryRegion::new(
-        RegionConfig::new(2 * GIB, 2 * MIB).with_backing(Backing::HugetlbMemfd(size)),
+        RegionConfig::sized(2 * GIB, 2 * MIB)
+            .unwrap()
+            .with_backing(Backing::HugetlbMemfd(size)),
     );
     match (has_1g, e) {
         (true, Err(MemoryBackendError::InvalidConfig(m))) => {

@@ -33,7 +33,7 @@ fn poisoned_page_gives_typed_error() {
         "prctl(PR_MCE_KILL, LATE) failed ({}): needs a kernel with CONFIG_MEMORY_FAILURE",
         std::io::Error::last_os_error()
     );
-    let mut cfg = RegionConfig::new(4 * MIB, 2 * MIB);
+    let mut cfg = RegionConfig::sized(4 * MIB, 2 * MIB).unwrap();
     cfg.transparent_hugepages = false;
     let region = MemoryRegion::new(cfg).unwrap();
     let opts = PopulateOptions {

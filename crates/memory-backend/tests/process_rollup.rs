@@ -22,7 +22,8 @@ fn serialize() -> MutexGuard<'static, ()> {
 }
 
 fn check(backing: Backing, figure: fn(&MemoryUsage) -> u64, name: &str) {
-    let cfg = RegionConfig::new(128 * MIB, 2 * MIB)
+    let cfg = RegionConfig::sized(128 * MIB, 2 * MIB)
+        .unwrap()
         .with_backing(backing)
         .with_populate(PopulateOptions::default());
     let region = MemoryRegion::new(cfg).unwrap();

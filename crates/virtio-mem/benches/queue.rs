@@ -34,7 +34,7 @@ struct Bench {
 impl Bench {
     fn new() -> Self {
         let mut dev = VirtioMem::new(
-            DeviceConfig::new(ADDR, REGION, BS),
+            DeviceConfig::with_layout(ADDR, REGION, BS).expect("bench layout"),
             NullBackend,
             CountingInterrupt::default(),
         )

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use log::{debug, error, info, warn};
 
+use block_layout::{BlockLayout, LayoutError};
+
 use crate::backend::{BackendError, BlockBackend};
 use crate::bitmap::BlockBitmap;
 use crate::metrics::{Metrics, RateLimit};
@@ -25,9 +27,6 @@ use crate::wire::{
     BlockState, ConfigSpace, Request, Response, VIRTIO_F_VERSION_1, VIRTIO_MEM_F_ACPI_PXM,
     VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
-
-/// Smallest block size the device accepts: the guest's base page size.
-pub const MIN_BLOCK_SIZE: u64 = 4096;
 
 /// Default headroom of the usable region above `requested_size`. Linux plugs in units of
 /// its memory block (128 MiB on x86-64) and may skip a memory block that it cannot fully
@@ -37,30 +36,9 @@ pub const DEFAULT_USABLE_MARGIN: u64 = 256 << 20;
 /// Errors of device configuration, resize and feature negotiation.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VirtioMemError {
-    /// The block size is not a power of two of at least 4 KiB.
-    #[error("block size {0:#x} is invalid: use a power of two of at least 4 KiB (e.g. 2M)")]
-    InvalidBlockSize(u64),
-    /// The region is empty.
-    #[error("the virtio-mem region is empty: give a region size of at least one block")]
-    EmptyRegion,
-    /// The region start or size is not a multiple of the block size.
-    #[error("region [{addr:#x}, +{size:#x}) is not aligned to the block size {block_size:#x}")]
-    UnalignedRegion {
-        /// Region start.
-        addr: u64,
-        /// Region size.
-        size: u64,
-        /// Block size.
-        block_size: u64,
-    },
-    /// The region wraps around the 64-bit address space.
-    #[error("region [{addr:#x}, +{size:#x}) overflows the 64-bit guest address space")]
-    RegionOverflow {
-        /// Region start.
-        addr: u64,
-        /// Region size.
-        size: u64,
-    },
+    /// The region's start, size or block size breaks a layout rule.
+    #[error("virtio-mem region: {0}")]
+    Layout(#[from] LayoutError),
     /// A requested size is not a multiple of the block size.
     #[error("requested size {size:#x} is not a multiple of the block size {block_size:#x}")]
     UnalignedRequestedSize {
@@ -113,12 +91,8 @@ pub enum VirtioMemError {
 /// The static description of a virtio-mem device, chosen by the operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
-    /// Guest-physical start of the region.
-    pub addr: u64,
-    /// Size of the region in bytes.
-    pub region_size: u64,
-    /// Block size in bytes: a power of two, at least 4 KiB.
-    pub block_size: u64,
+    /// Where the region is and its blocks.
+    pub layout: BlockLayout,
     /// ACPI proximity domain of the region; offers `VIRTIO_MEM_F_ACPI_PXM` when set.
     pub node_id: Option<u16>,
     /// Requested size at start.
@@ -132,11 +106,9 @@ pub struct DeviceConfig {
 impl DeviceConfig {
     /// A configuration with the defaults: no node, nothing requested, unplugged memory
     /// inaccessible, default usable margin.
-    pub fn new(addr: u64, region_size: u64, block_size: u64) -> Self {
+    pub fn new(layout: BlockLayout) -> Self {
         DeviceConfig {
-            addr,
-            region_size,
-            block_size,
+            layout,
             node_id: None,
             requested_size: 0,
             unplugged_inaccessible: true,
@@ -144,34 +116,25 @@ impl DeviceConfig {
         }
     }
 
+    /// Shorthand for tests and tools: [`BlockLayout::new`], then [`DeviceConfig::new`].
+    ///
+    /// # Errors
+    ///
+    /// [`VirtioMemError::Layout`] when the three values are not a layout.
+    pub fn with_layout(addr: u64, size: u64, block_size: u64) -> Result<Self, VirtioMemError> {
+        Ok(DeviceConfig::new(BlockLayout::new(addr, size, block_size)?))
+    }
+
     fn validate(&self) -> Result<(), VirtioMemError> {
-        let bs = self.block_size;
-        if !bs.is_power_of_two() || bs < MIN_BLOCK_SIZE {
-            return Err(VirtioMemError::InvalidBlockSize(bs));
-        }
-        if self.region_size == 0 {
-            return Err(VirtioMemError::EmptyRegion);
-        }
-        if self.addr % bs != 0 || self.region_size % bs != 0 {
-            return Err(VirtioMemError::UnalignedRegion {
-                addr: self.addr,
-                size: self.region_size,
-                block_size: bs,
-            });
-        }
-        if self.addr.checked_add(self.region_size).is_none() {
-            return Err(VirtioMemError::RegionOverflow {
-                addr: self.addr,
-                size: self.region_size,
-            });
-        }
+        // The layout is valid by construction; what remains is the device's own.
+        let bs = self.layout.block_size();
         if self.usable_margin % bs != 0 {
             return Err(VirtioMemError::UnalignedMargin {
                 margin: self.usable_margin,
                 block_size: bs,
             });
         }
-        check_size(self.requested_size, bs, self.region_size)
+        check_size(self.requested_size, bs, self.layout.size())
     }
 }
 
@@ -295,7 +258,7 @@ impl<B: BlockBackend> PlugState<B> {
     /// A [`VirtioMemError`] naming the invalid parameter.
     pub fn new(cfg: DeviceConfig, backend: B) -> Result<Self, VirtioMemError> {
         cfg.validate()?;
-        let nr_blocks = cfg.region_size / cfg.block_size;
+        let nr_blocks = cfg.layout.nr_blocks();
         let mut state = PlugState {
             usable_region_size: 0,
             requested_size: cfg.requested_size,
@@ -319,7 +282,7 @@ impl<B: BlockBackend> PlugState<B> {
         // wraps; the result is a multiple of block_size because both terms are.
         self.requested_size
             .saturating_add(self.cfg.usable_margin)
-            .min(self.cfg.region_size)
+            .min(self.cfg.layout.size())
     }
 
     /// The static configuration.
@@ -329,7 +292,7 @@ impl<B: BlockBackend> PlugState<B> {
 
     /// Block size in bytes.
     pub fn block_size(&self) -> u64 {
-        self.cfg.block_size
+        self.cfg.layout.block_size()
     }
 
     /// Size of the part of the region the driver may plug into.
@@ -340,7 +303,7 @@ impl<B: BlockBackend> PlugState<B> {
     /// Bytes currently plugged.
     pub fn plugged_size(&self) -> u64 {
         // Cannot overflow: plugged blocks * block_size <= region_size, a u64.
-        self.bitmap.plugged() * self.cfg.block_size
+        self.bitmap.plugged() * self.cfg.layout.block_size()
     }
 
     /// The size the host asks the driver to plug.
@@ -385,11 +348,11 @@ impl<B: BlockBackend> PlugState<B> {
     /// The configuration space as the driver sees it now.
     pub fn config_space(&self) -> ConfigSpace {
         ConfigSpace {
-            block_size: self.cfg.block_size.into(),
+            block_size: self.cfg.layout.block_size().into(),
             node_id: self.cfg.node_id.unwrap_or(0).into(),
             padding: [0; 6],
-            addr: self.cfg.addr.into(),
-            region_size: self.cfg.region_size.into(),
+            addr: self.cfg.layout.addr().into(),
+            region_size: self.cfg.layout.size().into(),
             usable_region_size: self.usable_region_size.into(),
             plugged_size: self.plugged_size().into(),
             requested_size: self.requested_size.into(),
@@ -460,7 +423,7 @@ impl<B: BlockBackend> PlugState<B> {
     /// [`VirtioMemError::UnalignedRequestedSize`] or [`VirtioMemError::RequestedSizeTooBig`];
     /// nothing changes then.
     pub fn set_requested_size(&mut self, size: u64) -> Result<ResizeOutcome, VirtioMemError> {
-        check_size(size, self.cfg.block_size, self.cfg.region_size)?;
+        check_size(size, self.cfg.layout.block_size(), self.cfg.layout.size())?;
         let old_requested = self.requested_size;
         self.requested_size = size;
         self.usable_region_size = self.usable_region_size.max(self.usable_target());
@@ -481,11 +444,11 @@ impl<B: BlockBackend> PlugState<B> {
     /// The block range of a request, or `None` if the spec makes it invalid: unaligned
     /// address, zero blocks, or any part outside `[addr, addr + usable_region_size)`.
     fn block_range(&self, addr: u64, nb_blocks: u16) -> Option<Range<u64>> {
-        let bs = self.cfg.block_size;
+        let bs = self.cfg.layout.block_size();
         if nb_blocks == 0 {
             return None;
         }
-        let offset = addr.checked_sub(self.cfg.addr)?;
+        let offset = addr.checked_sub(self.cfg.layout.addr())?;
         if offset % bs != 0 {
             return None;
         }
@@ -500,9 +463,9 @@ impl<B: BlockBackend> PlugState<B> {
 
     fn range_addr(&self, blocks: &Range<u64>) -> (u64, u64) {
         // Cannot overflow: blocks lie inside the region, whose end fits in u64 (validated).
-        let bs = self.cfg.block_size;
+        let bs = self.cfg.layout.block_size();
         (
-            self.cfg.addr + blocks.start * bs,
+            self.cfg.layout.addr() + blocks.start * bs,
             (blocks.end - blocks.start) * bs,
         )
     }
@@ -705,7 +668,7 @@ mod tests {
 
     fn state() -> PlugState<RecordingBackend> {
         let mut s = PlugState::new(
-            DeviceConfig::new(BASE, 64 * BLOCK, BLOCK),
+            DeviceConfig::with_layout(BASE, 64 * BLOCK, BLOCK).unwrap(),
             RecordingBackend::default(),
         )
         .unwrap();
@@ -819,8 +782,11 @@ mod tests {
 
     #[test]
     fn a_host_failure_is_kept_for_the_operator_until_host_work_succeeds() {
-        let mut s =
-            PlugState::new(DeviceConfig::new(BASE, 64 * BLOCK, BLOCK), Broken(true)).unwrap();
+        let mut s = PlugState::new(
+            DeviceConfig::with_layout(BASE, 64 * BLOCK, BLOCK).unwrap(),
+            Broken(true),
+        )
+        .unwrap();
         s.set_requested_size(8 * BLOCK).unwrap();
         assert_eq!(s.handle(plug(BASE, 1)), Response::Busy);
         assert_eq!(s.handle(plug(BASE, 1)), Response::Busy);

@@ -22,6 +22,7 @@ pub mod wire;
 
 pub use backend::{BackendError, BlockBackend, Interrupt};
 pub use bitmap::BlockBitmap;
+pub use block_layout::{BlockLayout, LayoutError};
 pub use device::{DeviceConfig, HostWork, PlugState, Prepared, ResizeOutcome, VirtioMemError};
 pub use metrics::{Metrics, RateLimit};
 pub use queue::{Completion, MalformedChain, TakenRequest, VirtioMem};

@@ -164,7 +164,7 @@ fn scatter<M: GuestMemory>(mem: &M, bufs: &[(GuestAddress, u32)], data: &[u8]) -
 /// use virtio_mem::{DeviceConfig, VirtioMem};
 /// use virtio_mem::test_utils::{RecordingBackend, CountingInterrupt};
 ///
-/// let cfg = DeviceConfig::new(4 << 30, 1 << 30, 2 << 20);
+/// let cfg = DeviceConfig::with_layout(4 << 30, 1 << 30, 2 << 20).unwrap();
 /// let mut dev = VirtioMem::new(cfg, RecordingBackend::default(), CountingInterrupt::default())
 ///     .unwrap();
 /// dev.set_requested_size(256 << 20).unwrap();

@@ -14,7 +14,7 @@ const REGION: u64 = 1 << 30;
 const BS: u64 = 2 * MIB;
 
 fn cfg() -> DeviceConfig {
-    DeviceConfig::new(ADDR, REGION, BS)
+    DeviceConfig::with_layout(ADDR, REGION, BS).unwrap()
 }
 
 fn device() -> TestDevice {

@@ -465,7 +465,7 @@ fn check_config(t: &TestDevice, m: &Model, i: usize) {
 
 #[test]
 fn hundred_thousand_random_chains() {
-    let cfg = DeviceConfig::new(ADDR, REGION, BS);
+    let cfg = DeviceConfig::with_layout(ADDR, REGION, BS).unwrap();
     let mut m = Model::new(cfg.usable_margin / BS);
     let mut t = TestDevice::new(cfg).unwrap();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);

@@ -152,7 +152,7 @@ impl LinuxDriver {
 }
 
 fn driver() -> LinuxDriver {
-    let t = TestDevice::new(DeviceConfig::new(ADDR, REGION, BS)).unwrap();
+    let t = TestDevice::new(DeviceConfig::with_layout(ADDR, REGION, BS).unwrap()).unwrap();
     LinuxDriver {
         t,
         trace: Trace::default(),

@@ -15,7 +15,8 @@ const RESP: u64 = 0x20100;
 const OUTSIDE: u64 = GUEST_MEM_SIZE as u64 + 0x1000;
 
 fn device() -> TestDevice {
-    let mut t = TestDevice::new(DeviceConfig::new(4 << 30, 1 << 30, 2 << 20)).unwrap();
+    let mut t =
+        TestDevice::new(DeviceConfig::with_layout(4 << 30, 1 << 30, 2 << 20).unwrap()).unwrap();
     t.dev.set_requested_size(64 << 20).unwrap();
     t.driver.write_request(
         REQ,

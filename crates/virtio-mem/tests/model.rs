@@ -158,7 +158,7 @@ proptest! {
 
     #[test]
     fn device_matches_the_reference_model(ops in prop::collection::vec(op(), 1..120)) {
-        let mut cfg = DeviceConfig::new(ADDR, NR_BLOCKS * BS, BS);
+        let mut cfg = DeviceConfig::with_layout(ADDR, NR_BLOCKS * BS, BS).unwrap();
         cfg.usable_margin = MARGIN_BLOCKS * BS;
         let mut t = TestDevice::new(cfg).unwrap();
         let mut m = Model { plugged: vec![false; NR_BLOCKS as usize], requested: 0, usable: MARGIN_BLOCKS, fail_next: false };

@@ -403,8 +403,8 @@ impl MemoryControl for MemoryApi {
         let dev = lock(&self.device);
         let s = dev.state();
         let mut status = MemoryStatus {
-            region_addr: s.config().addr,
-            region_size: s.config().region_size,
+            region_addr: s.config().layout.addr(),
+            region_size: s.config().layout.size(),
             block_size: s.block_size(),
             usable_region_size: s.usable_region_size(),
             plugged_size: s.plugged_size(),
@@ -456,7 +456,8 @@ mod tests {
 
     #[test]
     fn host_memory_is_sampled_off_the_answer_and_refreshed_when_old() {
-        let region = Arc::new(MemoryRegion::new(RegionConfig::new(8 * MIB, 2 * MIB)).unwrap());
+        let region =
+            Arc::new(MemoryRegion::new(RegionConfig::sized(8 * MIB, 2 * MIB).unwrap()).unwrap());
         let sampler = ResidentSampler::start(Arc::clone(&region));
         // The first sample is taken at start.
         let deadline = Instant::now() + Duration::from_secs(10);

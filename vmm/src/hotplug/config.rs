@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use block_layout::{BlockLayout, LayoutError};
 use log::warn;
 use memory_backend::{Backing, HugePageSize};
 
@@ -139,9 +140,9 @@ pub struct HotplugConfig {
 /// Errors in the hotplug options.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HotplugConfigError {
-    /// Block size not a power of two, or below 4 KiB.
-    #[error("--block-size {0} is invalid: use a power of two of at least 4K, e.g. 2M")]
-    BlockSize(u64),
+    /// `--hotplug-size` and `--block-size` do not lay out a region.
+    #[error("--hotplug-size and --block-size do not make a virtio-mem region: {0}")]
+    Layout(#[from] LayoutError),
     /// Block size smaller than the backing's page size.
     #[error("--block-size {block} is smaller than the backing's page size {page}: use --block-size {page} or more")]
     BlockBelowPage {
@@ -149,14 +150,6 @@ pub enum HotplugConfigError {
         block: u64,
         /// Page size.
         page: u64,
-    },
-    /// Region size not a multiple of the block size.
-    #[error("--hotplug-size {size} is not a multiple of --block-size {block}")]
-    RegionUnaligned {
-        /// Region size.
-        size: u64,
-        /// Block size.
-        block: u64,
     },
     /// Requested size not a multiple of the block size, or larger than the region.
     #[error("--requested-size {size} must be a multiple of --block-size {block} and at most --hotplug-size {region}")]
@@ -232,27 +225,25 @@ impl HotplugConfig {
         })
     }
 
-    /// Checks the options against each other and the boot RAM; returns the region's guest
-    /// address.
+    /// Checks the options against each other and the boot RAM; returns the region's
+    /// layout, placed in guest physical memory above boot RAM.
     ///
     /// # Errors
     ///
     /// [`HotplugConfigError`] saying which option is wrong.
-    pub fn validate(&self, boot_ram: u64) -> Result<u64, HotplugConfigError> {
+    pub fn validate(&self, boot_ram: u64) -> Result<BlockLayout, HotplugConfigError> {
         let bs = self.block_size;
-        if !bs.is_power_of_two() || bs < 4096 {
-            return Err(HotplugConfigError::BlockSize(bs));
-        }
+        // The start is aligned to the guest's memory block and to the device block, so
+        // only the options themselves can break the layout's rules.
+        let align = memory_block_align(boot_ram).max(bs);
+        let addr = layout::hotplug_region_start(boot_ram)
+            .checked_next_multiple_of(align)
+            .ok_or(HotplugConfigError::TooLarge(self.region_size))?;
+        let region = BlockLayout::new(addr, self.region_size, bs)?;
         if let Some(page) = self.backing.page_size() {
             if bs < page {
                 return Err(HotplugConfigError::BlockBelowPage { block: bs, page });
             }
-        }
-        if self.region_size == 0 || self.region_size % bs != 0 {
-            return Err(HotplugConfigError::RegionUnaligned {
-                size: self.region_size,
-                block: bs,
-            });
         }
         if self.requested_size % bs != 0 || self.requested_size > self.region_size {
             return Err(HotplugConfigError::Requested {
@@ -261,12 +252,10 @@ impl HotplugConfig {
                 region: self.region_size,
             });
         }
-        let align = memory_block_align(boot_ram).max(bs);
-        let addr = layout::hotplug_region_start(boot_ram).next_multiple_of(align);
-        match addr.checked_add(self.region_size) {
-            Some(end) if end <= MAX_GPA => Ok(addr),
-            _ => Err(HotplugConfigError::TooLarge(self.region_size)),
+        if region.end() > MAX_GPA {
+            return Err(HotplugConfigError::TooLarge(self.region_size));
         }
+        Ok(region)
     }
 
     /// KVM slot size: a whole number of guest memory blocks and of device blocks.
@@ -332,18 +321,18 @@ mod tests {
 
     #[test]
     fn region_sits_above_boot_ram_aligned_to_the_memory_block() {
-        let a = cfg(4 << 30, 2 << 20).validate(512 << 20).unwrap();
+        let a = cfg(4 << 30, 2 << 20).validate(512 << 20).unwrap().addr();
         assert_eq!(a, 4 << 30, "above the 32-bit hole");
-        let a = cfg(4 << 30, 2 << 20).validate(6 << 30).unwrap();
+        let a = cfg(4 << 30, 2 << 20).validate(6 << 30).unwrap().addr();
         assert!(a >= (4 << 30) + (3 << 30));
         assert_eq!(a % (128 << 20), 0);
-        let a = cfg(4 << 30, 2 << 20).validate(64 << 30).unwrap();
+        let a = cfg(4 << 30, 2 << 20).validate(64 << 30).unwrap().addr();
         assert_eq!(
             a % (2 << 30),
             0,
             "2 GiB memory blocks from 64 GiB of boot RAM"
         );
-        let a = cfg(4 << 30, 1 << 30).validate(512 << 20).unwrap();
+        let a = cfg(4 << 30, 1 << 30).validate(512 << 20).unwrap().addr();
         assert_eq!(a % (1 << 30), 0);
     }
 
@@ -367,7 +356,7 @@ mod tests {
     fn a_region_above_the_guest_address_width_is_refused_with_a_size_that_fits() {
         let tb = 1u64 << 40;
         let hp = cfg(tb, 2 << 20);
-        let addr = hp.validate(512 << 20).unwrap();
+        let addr = hp.validate(512 << 20).unwrap().addr();
         // 40 bits, as the nested test host gives its guests: 1 TiB from 4 GiB ends above.
         let e = hp.check_address_width(addr, 40).unwrap_err();
         let HotplugConfigError::AboveAddressWidth {
@@ -395,11 +384,11 @@ mod tests {
     fn bad_options_say_what_is_wrong() {
         assert_eq!(
             cfg(1 << 30, 3 << 20).validate(1 << 30),
-            Err(HotplugConfigError::BlockSize(3 << 20))
+            Err(HotplugConfigError::Layout(LayoutError::BlockSize(3 << 20)))
         );
         assert!(matches!(
             cfg(5 << 20, 2 << 20).validate(1 << 30),
-            Err(HotplugConfigError::RegionUnaligned { .. })
+            Err(HotplugConfigError::Layout(LayoutError::Unaligned { .. }))
         ));
         let mut c = cfg(1 << 30, 2 << 20);
         c.requested_size = 2 << 30;

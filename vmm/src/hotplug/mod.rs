@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{debug, info};
-use memory_backend::{MemoryBackendError, MemoryRegion};
+use memory_backend::{BlockLayout, MemoryBackendError, MemoryRegion};
 use virtio_mem::{BackendError, BlockBackend};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -91,9 +91,26 @@ impl Memslots for kvm_ioctls::VmFd {
 /// Errors while setting the hotplug memory up.
 #[derive(Debug, thiserror::Error)]
 pub enum HotplugError {
-    /// The slot size is not a multiple of the block size, or the region holds too many slots.
-    #[error("invalid hotplug slot layout: {0}")]
-    Layout(String),
+    /// The KVM slot size is not a whole number of the region's blocks.
+    #[error("KVM slot size {slot_size:#x} is not a multiple of the block size {block_size:#x}")]
+    SlotSize {
+        /// The slot size asked for.
+        slot_size: u64,
+        /// The region's block size.
+        block_size: u64,
+    },
+    /// The region needs more KVM slot numbers than there are after `first_slot`.
+    #[error("the virtio-mem region needs {0} KVM slots: too many for the slot numbers left")]
+    TooManySlots(u64),
+    /// Boot RAM's map could not be taken apart into its regions.
+    #[error("boot RAM region at {addr:#x} cannot be shared: {source}")]
+    BootRam {
+        /// Start of the boot RAM region.
+        addr: u64,
+        /// What vm-memory said.
+        #[source]
+        source: vm_memory::GuestRegionCollectionError,
+    },
     /// The host gave no timer for the slot release (out of file descriptors?).
     #[error("cannot create the KVM slot release timer: {0} (check the open file limit)")]
     Timer(std::io::Error),
@@ -184,34 +201,34 @@ fn region_error(op: &'static str, addr: u64, len: u64, e: MemoryBackendError) ->
 }
 
 impl HotplugMemory {
-    /// Wraps `region`, placed at guest address `region_addr`, with KVM slots numbered from
+    /// Wraps `region`, placed at the guest address of its layout, with KVM slots numbered from
     /// `first_slot`, each `slot_size` bytes. `mem` is the devices' guest memory handle; its
     /// current regions are taken as boot RAM.
     ///
     /// # Errors
     ///
-    /// [`HotplugError::Layout`] when `slot_size` is not a multiple of the region's block
-    /// size or the slot numbers would overflow; [`HotplugError::Timer`] without a timer.
+    /// [`HotplugError::SlotSize`] when `slot_size` is not a multiple of the region's block
+    /// size, [`HotplugError::TooManySlots`] when the slot numbers would overflow; [`HotplugError::Timer`] without a timer.
     pub fn new(
         region: Arc<MemoryRegion>,
-        region_addr: u64,
         slot_size: u64,
         first_slot: u32,
         memslots: Arc<dyn Memslots>,
         mem: GuestMemoryHandle,
     ) -> Result<Self, HotplugError> {
         if slot_size == 0 || slot_size % region.block_size() != 0 {
-            return Err(HotplugError::Layout(format!(
-                "slot size {slot_size:#x} is not a multiple of the block size {:#x}",
-                region.block_size()
-            )));
+            return Err(HotplugError::SlotSize {
+                slot_size,
+                block_size: region.block_size(),
+            });
         }
         let nr_slots = region.size().div_ceil(slot_size);
         let nr = u32::try_from(nr_slots)
             .ok()
             .filter(|n| first_slot.checked_add(*n).is_some())
-            .ok_or_else(|| HotplugError::Layout(format!("{nr_slots} slots are too many")))?;
+            .ok_or(HotplugError::TooManySlots(nr_slots))?;
         let boot = boot_regions(mem.memory().deref())?;
+        let region_addr = region.layout().addr();
         Ok(HotplugMemory {
             region,
             region_addr,
@@ -607,9 +624,12 @@ fn boot_regions(boot: &GuestMemoryMmap) -> Result<Vec<Arc<GuestRegionMmap>>, Hot
     let mut rest = boot.clone();
     let mut out = Vec::with_capacity(spans.len());
     for (start, len) in spans {
-        let (left, region) = rest
-            .remove_region(start, len)
-            .map_err(|e| HotplugError::Layout(format!("boot RAM at {:#x}: {e}", start.0)))?;
+        let (left, region) =
+            rest.remove_region(start, len)
+                .map_err(|source| HotplugError::BootRam {
+                    addr: start.0,
+                    source,
+                })?;
         out.push(region);
         rest = left;
     }
@@ -639,10 +659,12 @@ fn to_usize(v: u64) -> usize {
 }
 
 /// Logs the layout once, for operators.
-pub fn log_layout(region_addr: u64, region_size: u64, block_size: u64, slot_size: u64) {
+pub fn log_layout(region: &BlockLayout, slot_size: u64) {
     info!(
-        "virtio-mem region at {region_addr:#x}, size {region_size:#x}, block {block_size:#x}, \
-         KVM slots of {slot_size:#x}"
+        "virtio-mem region at {:#x}, size {:#x}, block {:#x}, KVM slots of {slot_size:#x}",
+        region.addr(),
+        region.size(),
+        region.block_size()
     );
 }
 
@@ -688,12 +710,12 @@ mod tests {
     }
 
     fn setup() -> (HotplugMemory, Arc<FakeSlots>, GuestMemoryHandle) {
-        let region = Arc::new(MemoryRegion::new(RegionConfig::new(512 * MIB, 2 * MIB)).unwrap());
+        let layout = BlockLayout::new(BASE, 512 * MIB, 2 * MIB).unwrap();
+        let region = Arc::new(MemoryRegion::new(RegionConfig::new(layout)).unwrap());
         let boot = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let mem = GuestMemoryHandle::new(boot);
         let slots = Arc::new(FakeSlots::default());
-        let h =
-            HotplugMemory::new(region, BASE, 128 * MIB, 10, slots.clone(), mem.clone()).unwrap();
+        let h = HotplugMemory::new(region, 128 * MIB, 10, slots.clone(), mem.clone()).unwrap();
         (h, slots, mem)
     }
 

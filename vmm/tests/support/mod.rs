@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use memory_backend::MemoryRegion;
+use memory_backend::{BlockLayout, MemoryRegion, RegionConfig};
 use virtio_mem::wire::{RawRequest, RawResponse, Request, Response};
 use virtio_mem::{DeviceConfig, VirtioMem};
 use virtio_queue::desc::split::Descriptor;
@@ -171,16 +171,19 @@ impl Driver {
     }
 }
 
-/// The device model over the real `HotplugMemory` of `region` at guest address `base`
+/// A region configuration at guest address `base` (anonymous, no populate).
+pub fn region_at(base: u64, size: u64, block: u64) -> RegionConfig {
+    RegionConfig::new(BlockLayout::new(base, size, block).unwrap())
+}
+
+/// The device model over the real `HotplugMemory` of `region` at its layout's address
 /// (32 MiB KVM slots, recorded only), features acknowledged, the whole region requested.
 pub fn device_over(
     region: &Arc<MemoryRegion>,
-    base: u64,
     mem: &GuestMemoryHandle,
 ) -> VirtioMem<HotplugMemory, Arc<Irq>> {
     let hotplug = HotplugMemory::new(
         Arc::clone(region),
-        base,
         32 << 20,
         1,
         Arc::new(Slots::default()),
@@ -188,7 +191,7 @@ pub fn device_over(
     )
     .unwrap();
     let mut dev = VirtioMem::new(
-        DeviceConfig::new(base, region.size(), region.block_size()),
+        DeviceConfig::new(region.layout()),
         hotplug,
         Arc::new(Irq::default()),
     )

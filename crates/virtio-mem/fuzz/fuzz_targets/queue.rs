@@ -52,7 +52,7 @@ fn reactivate(t: &mut TestDevice) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut t = TestDevice::new(DeviceConfig::new(ADDR, NR_BLOCKS * BS, BS)).expect("config");
+    let mut t = TestDevice::new(DeviceConfig::with_layout(ADDR, NR_BLOCKS * BS, BS).expect("layout")).expect("config");
     let mut input = Input(data);
     for _ in 0..64 {
         if input.0.is_empty() {
