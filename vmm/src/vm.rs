@@ -494,7 +494,7 @@ impl Vm {
         )?;
         let backend: SharedHotplug = Arc::new(Mutex::new(backend));
         let mut dcfg = virtio_mem::DeviceConfig::new(layout);
-        dcfg.requested_size = hp.requested_size;
+        dcfg.initial_requested_size = hp.requested_size;
         let irq = Arc::new(InterruptLine::default());
         let device: SharedVirtioMem = Arc::new(Mutex::new(virtio_mem::VirtioMem::new(
             dcfg,

@@ -95,8 +95,9 @@ pub struct DeviceConfig {
     pub layout: BlockLayout,
     /// ACPI proximity domain of the region; offers `VIRTIO_MEM_F_ACPI_PXM` when set.
     pub node_id: Option<u16>,
-    /// Requested size at start.
-    pub requested_size: u64,
+    /// Requested size at start. The live value is the device's
+    /// ([`PlugState::requested_size`]); this one is never updated.
+    pub initial_requested_size: u64,
     /// Offer and require `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE` (default on).
     pub unplugged_inaccessible: bool,
     /// Headroom of the usable region above `requested_size`.
@@ -110,7 +111,7 @@ impl DeviceConfig {
         DeviceConfig {
             layout,
             node_id: None,
-            requested_size: 0,
+            initial_requested_size: 0,
             unplugged_inaccessible: true,
             usable_margin: DEFAULT_USABLE_MARGIN,
         }
@@ -134,7 +135,7 @@ impl DeviceConfig {
                 block_size: bs,
             });
         }
-        check_size(self.requested_size, bs, self.layout.size())
+        check_size(self.initial_requested_size, bs, self.layout.size())
     }
 }
 
@@ -261,7 +262,7 @@ impl<B: BlockBackend> PlugState<B> {
         let nr_blocks = cfg.layout.nr_blocks();
         let mut state = PlugState {
             usable_region_size: 0,
-            requested_size: cfg.requested_size,
+            requested_size: cfg.initial_requested_size,
             bitmap: BlockBitmap::new(nr_blocks),
             backend,
             acked_features: 0,
