@@ -79,6 +79,9 @@ struct Args {
     /// Seed of the resize soak's sizes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// MiB of checksummed data the resize soak writes before each shrink.
+    #[arg(long, default_value_t = resize_soak::DEFAULT_DATA_MIB)]
+    data_mib: u64,
     /// Leave out this scenario on this kernel, as NAME@KERNEL (repeatable).
     #[arg(long)]
     skip: Vec<String>,
@@ -355,8 +358,10 @@ fn main_with(args: Args) -> ExitCode {
         };
         let spec = runner::spec_for(kernel, sc.boot, &paths, &opts, 0);
         println!(
-            "guest-tests: resize soak of {cycles} cycles (seed {}), {} vCPUs, kernel {}, VMM {}",
+            "guest-tests: resize soak of {cycles} cycles (seed {}, {} MiB of data per shrink), \
+             {} vCPUs, kernel {}, VMM {}",
             args.seed,
+            args.data_mib,
             opts.cpus,
             kernel.label(),
             vmm.name()
@@ -367,6 +372,7 @@ fn main_with(args: Args) -> ExitCode {
             &paths.logs,
             cycles,
             args.seed,
+            args.data_mib,
             args.echo,
         );
         let _ = std::fs::remove_dir_all(&work);
