@@ -307,7 +307,7 @@ impl Report {
 }
 
 /// Log lines that mean the driver or the memory hotplug path went wrong
-/// (virtio-mem-notes.md, "Bad signs").
+/// (the Linux driver's and memory hotplug's own error messages).
 pub const BAD_SIGNS: &[&str] = &[
     "alignment of the physical",
     "not addressable",

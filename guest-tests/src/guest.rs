@@ -1,5 +1,5 @@
 //! A booted guest under a VMM: the agent commands and VMM controls the scenarios use,
-//! with the latency bookkeeping of guest-testing.md (guest timestamps, not client time).
+//! with latencies measured on the guest's clock (kernel log timestamps), not the client's.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,5 +1,5 @@
 //! Where the guests run: directly on this host's KVM (it must be the real VMX/SVM one)
-//! or inside the nested test host (`ci/testhost-run`), see guest-testing.md.
+//! or inside the nested test host (`ci/testhost-run`), see this crate's README.
 
 /// How to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

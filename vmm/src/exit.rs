@@ -12,7 +12,8 @@ pub enum ExitReason {
     /// The guest powered off (ACPI S5 through the FADT sleep control register).
     Poweroff,
     /// The guest asked for a reset (ACPI reset register, i8042 pulse, or triple fault). The
-    /// VMM does not restart the guest: it exits and reports it.
+    /// VM stops; the binary then exits with status 2 or, with `--on-reboot restart`, starts
+    /// the guest again with nothing plugged and the same requested size.
     Reboot,
     /// Something failed: a vCPU error, a KVM failure, or an event loop failure.
     Error(String),

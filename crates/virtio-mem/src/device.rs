@@ -8,7 +8,7 @@
 //! [`PlugState::commit`]), so a VMM can do it without holding the device: reads of the
 //! configuration and resizes are then never held up by populate or memslot work.
 //!
-//! Response choice follows the spec and `virtio-mem-notes.md` ("Device rules"): ERROR only
+//! Response choice follows the spec (and `tests/conformance.rs` checks it): ERROR only
 //! for requests that are invalid by the spec, NACK only for a PLUG beyond
 //! `requested_size`, BUSY only for transient host failure.
 

@@ -8,8 +8,7 @@
 //! interrupts come through the [`BlockBackend`] and [`Interrupt`] traits.
 //!
 //! The rules implemented are those of the virtio spec and of how the Linux driver behaves;
-//! the project's `virtio-mem-notes.md` lists them and `tests/conformance.rs` tests each by
-//! name.
+//! `tests/conformance.rs` tests each by name.
 
 pub mod backend;
 pub mod bitmap;

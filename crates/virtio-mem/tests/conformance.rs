@@ -1,5 +1,5 @@
-//! Spec conformance: every rule of `virtio-mem-notes.md`, "Device rules", is one named test
-//! here, driven through a real split virtqueue laid out in guest memory.
+//! Spec conformance: every device rule of the virtio-mem spec (and of what the Linux
+//! driver relies on) is one named test here, driven through a real split virtqueue laid out in guest memory.
 
 #![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 

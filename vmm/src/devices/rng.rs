@@ -1,9 +1,10 @@
 //! A minimal virtio entropy device (virtio 1.2, 5.4): one queue, every device-writable
 //! buffer filled from the host's `/dev/urandom`.
 //!
-//! It exists to prove the whole virtio-mmio path in a real guest (ACPI discovery, feature
-//! negotiation, queue setup, ioeventfd notifications, irqfd interrupts) with the stock
-//! `virtio_rng` driver, before the virtio-mem device is wired in.
+//! Besides giving the guest entropy early in boot, it is a second, simple user of the
+//! virtio-mmio path (ACPI discovery, feature negotiation, queue setup, ioeventfd
+//! notifications, irqfd interrupts) beside virtio-mem, and a second device that writes
+//! into guest memory while virtio-mem unplugs it (`vmm/tests/hostile_guest.rs`).
 
 use std::fs::File;
 use std::io::Read;
