@@ -38,9 +38,22 @@ pub struct ResizeArgs {
     /// The new requested size, e.g. 2G or 0.
     #[arg(value_parser = parse_size)]
     pub size: u64,
-    /// Seconds to wait for the connection and the VMM's answer.
-    #[arg(long, default_value_t = 10)]
-    pub timeout: u64,
+    /// Follow the resize with a progress line until plugged equals requested (exit 0),
+    /// the timeout passes (exit 3), or it is stalled at the timeout (exit 4, with why).
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait: for the VMM's answer (default 10), or with --wait for the whole
+    /// resize (default 600).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+impl ResizeArgs {
+    /// The timeout that applies, with its default.
+    pub fn timeout(&self) -> std::time::Duration {
+        let default = if self.wait { 600 } else { 10 };
+        std::time::Duration::from_secs(self.timeout.unwrap_or(default))
+    }
 }
 
 /// `vmm status` options.

@@ -37,6 +37,7 @@ pub mod exit;
 pub mod hotplug;
 pub mod layout;
 pub mod memory;
+pub mod resize_wait;
 pub mod signals;
 pub mod terminal;
 pub mod vm;

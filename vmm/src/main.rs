@@ -18,10 +18,11 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(&args),
+        Command::Resize(a) if a.wait => vmm::resize_wait::run(&a.api_socket, a.size, a.timeout()),
         Command::Resize(a) => report(vmm_api::client::resize_within(
             &a.api_socket,
             a.size,
-            Duration::from_secs(a.timeout),
+            a.timeout(),
         )),
         Command::Status(a) => report(vmm_api::client::status_within(
             &a.api_socket,

@@ -14,7 +14,7 @@
 
 use std::ops::Range;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
@@ -23,6 +23,7 @@ use block_layout::{BlockLayout, LayoutError};
 use crate::backend::{BackendError, BlockBackend};
 use crate::bitmap::BlockBitmap;
 use crate::metrics::{Metrics, RateLimit};
+use crate::progress::{ResizeProgress, ResizeTracker};
 use crate::wire::{
     BlockState, ConfigSpace, Request, Response, VIRTIO_F_VERSION_1, VIRTIO_MEM_F_ACPI_PXM,
     VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
@@ -178,6 +179,8 @@ pub struct PlugState<B> {
     host_error: Option<String>,
     /// BUSY answers can come once per guest retry: their log lines are rate-limited.
     busy_log: RateLimit,
+    /// Where the current resize stands.
+    resize: ResizeTracker,
 }
 
 /// The result of [`PlugState::prepare`].
@@ -271,6 +274,7 @@ impl<B: BlockBackend> PlugState<B> {
             work_in_flight: false,
             host_error: None,
             busy_log: RateLimit::new(Duration::from_secs(10), 5),
+            resize: ResizeTracker::new(Instant::now(), 0),
             cfg,
         };
         state.usable_region_size = state.usable_target();
@@ -427,6 +431,8 @@ impl<B: BlockBackend> PlugState<B> {
         check_size(size, self.cfg.layout.block_size(), self.cfg.layout.size())?;
         let old_requested = self.requested_size;
         self.requested_size = size;
+        self.resize
+            .resize_started(Instant::now(), self.plugged_size());
         self.usable_region_size = self.usable_region_size.max(self.usable_target());
         self.bump_generation();
         info!(
@@ -526,6 +532,7 @@ impl<B: BlockBackend> PlugState<B> {
             }
             Err(resp) => {
                 self.metrics.count(&req, resp);
+                self.resize.answered(Instant::now(), &req, resp, false);
                 Prepared::Answered(resp)
             }
         }
@@ -558,7 +565,20 @@ impl<B: BlockBackend> PlugState<B> {
             }
         };
         self.metrics.count(&work.request, resp);
+        self.resize
+            .answered(Instant::now(), &work.request, resp, work.done > 0);
         resp
+    }
+
+    /// Where the current resize stands at `now`: moving, done or stalled, and why.
+    pub fn progress(&self, now: Instant) -> ResizeProgress {
+        self.resize.progress(
+            now,
+            self.plugged_size(),
+            self.requested_size,
+            self.acked_features != 0,
+            self.host_error.as_deref(),
+        )
     }
 
     fn run_of(&self, blocks: Range<u64>) -> Run {
@@ -654,6 +674,8 @@ impl<B: BlockBackend> PlugState<B> {
         }
         self.usable_region_size = self.usable_target();
         self.bump_generation();
+        // The guest plugs the requested size again from nothing.
+        self.resize.resize_started(Instant::now(), 0);
         Ok(())
     }
 }
@@ -793,9 +815,23 @@ mod tests {
         assert_eq!(s.handle(plug(BASE, 1)), Response::Busy);
         assert!(s.host_error().is_some_and(|e| e.contains("KVM memslot")));
         assert_eq!(s.metrics().backend_failures, 2);
+        // The operator sees the resize stalled on the host, with the reason.
+        let later = Instant::now() + crate::progress::STALL_AFTER + Duration::from_secs(1);
+        let p = s.progress(later);
+        assert_eq!(p.state, crate::ResizeState::Stalled);
+        assert!(
+            matches!(&p.reason, Some(crate::StallReason::HostBusy { host_error: Some(e) }) if e.contains("KVM memslot")),
+            "{:?}",
+            p.reason
+        );
+        assert_eq!(
+            s.progress(Instant::now()).state,
+            crate::ResizeState::Plugging
+        );
         s.backend_mut().0 = false;
         assert_eq!(s.handle(plug(BASE, 1)), Response::Ack(None));
         assert_eq!(s.host_error(), None);
+        assert_eq!(s.progress(Instant::now()).moved_bytes, BLOCK);
         // Transient failures are shown too (a short hugetlb pool), and go the same way.
         let mut t = state();
         t.backend_mut().fail_plugs = 1;

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod bitmap;
 pub mod device;
 pub mod metrics;
+pub mod progress;
 pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -24,5 +25,6 @@ pub use bitmap::BlockBitmap;
 pub use block_layout::{BlockLayout, LayoutError};
 pub use device::{DeviceConfig, HostWork, PlugState, Prepared, ResizeOutcome, VirtioMemError};
 pub use metrics::{Metrics, RateLimit};
+pub use progress::{ResizeProgress, ResizeState, StallReason};
 pub use queue::{Completion, MalformedChain, TakenRequest, VirtioMem};
 pub use wire::{BlockState, Request, Response};

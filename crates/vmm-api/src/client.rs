@@ -180,11 +180,15 @@ pub fn resize_within(
     exchange(socket, "PUT", Some(&body), timeout)
 }
 
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "none".into(), |v| v.to_string())
+}
+
 impl MemoryStatus {
     /// One `key=value` line per figure, for scripts and grep.
     pub fn to_lines(&self) -> String {
         format!(
-            "region_addr={:#x}\nregion_size={}\nblock_size={}\nusable_region_size={}\nplugged_size={}\nrequested_size={}\nhost_resident_bytes={}\nhost_resident_age_ms={}\nhost_error={}\n",
+            "region_addr={:#x}\nregion_size={}\nblock_size={}\nusable_region_size={}\nplugged_size={}\nrequested_size={}\nhost_resident_bytes={}\nhost_resident_age_ms={}\nhost_error={}\nstate={}\nmoved_bytes={}\nremaining_bytes={}\nrate_bytes_per_s={}\neta_s={}\nstalled_for_s={}\nreason={}\n",
             self.region_addr,
             self.region_size,
             self.block_size,
@@ -193,7 +197,14 @@ impl MemoryStatus {
             self.requested_size,
             self.host_resident_bytes,
             self.host_resident_age_ms,
-            self.host_error.as_deref().unwrap_or("none")
+            self.host_error.as_deref().unwrap_or("none"),
+            self.state,
+            self.progress.moved_bytes,
+            self.progress.remaining_bytes,
+            opt(self.progress.rate_bytes_per_s),
+            opt(self.progress.eta_s),
+            opt(self.stalled_for_s),
+            self.reason.as_deref().unwrap_or("none")
         )
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /v1/memory` | 200, [`MemoryStatus`] as JSON |
+//! | `GET /v1/memory` | 200, [`MemoryStatus`] as JSON (sizes, host memory, resize state and progress) |
 //! | `PUT /v1/memory` `{"requested_size": N}` | 202 and the new status: the resize started |
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status: 400 malformed request or JSON,
@@ -49,6 +49,58 @@ pub struct MemoryStatus {
     /// guest's requests are answered BUSY; `null` once host memory works again.
     #[serde(default)]
     pub host_error: Option<String>,
+    /// What the resize is doing: `idle` (plugged equals requested), `plugging`,
+    /// `unplugging`, or `stalled` (nothing moved for 10 s; see `reason`).
+    #[serde(default)]
+    pub state: ResizeState,
+    /// How far the resize has come since the requested size was last set.
+    #[serde(default)]
+    pub progress: Progress,
+    /// Seconds since the last progress, when `stalled`.
+    #[serde(default)]
+    pub stalled_for_s: Option<u64>,
+    /// What stops the resize and what to do about it, when `stalled`.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// What a resize is doing, as the API names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeState {
+    /// Plugged equals requested.
+    #[default]
+    Idle,
+    /// The guest plugs toward the requested size.
+    Plugging,
+    /// The guest unplugs toward the requested size.
+    Unplugging,
+    /// Nothing moved for a while; `reason` says why.
+    Stalled,
+}
+
+impl std::fmt::Display for ResizeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResizeState::Idle => "idle",
+            ResizeState::Plugging => "plugging",
+            ResizeState::Unplugging => "unplugging",
+            ResizeState::Stalled => "stalled",
+        })
+    }
+}
+
+/// How far a resize has come.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Bytes plugged or unplugged toward the requested size since it was set.
+    pub moved_bytes: u64,
+    /// Bytes still to plug or unplug.
+    pub remaining_bytes: u64,
+    /// Average rate since the resize started, while it moves.
+    pub rate_bytes_per_s: Option<u64>,
+    /// Seconds left at that rate (rounded up), while it moves.
+    pub eta_s: Option<u64>,
 }
 
 /// The body of `PUT /v1/memory`.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use virtio_mem::{VirtioMem, VirtioMemError};
 use virtio_mmio::{ActivateError, Activation, InterruptKind, VirtioDevice, VirtioInterrupt};
-use vmm_api::{MemoryControl, MemoryStatus, ResizeError};
+use vmm_api::{MemoryControl, MemoryStatus, Progress, ResizeError, ResizeState};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -398,6 +398,11 @@ impl MemoryApi {
     }
 }
 
+/// Whole seconds of `s` (saturating; never panics on odd floats).
+fn whole_secs(s: f64) -> u64 {
+    Duration::try_from_secs_f64(s).map_or(u64::MAX, |d| d.as_secs())
+}
+
 impl MemoryControl for MemoryApi {
     fn status(&self) -> MemoryStatus {
         let dev = lock(&self.device);
@@ -412,7 +417,23 @@ impl MemoryControl for MemoryApi {
             host_resident_bytes: 0,
             host_resident_age_ms: 0,
             host_error: s.host_error().map(str::to_string),
+            ..MemoryStatus::default()
         };
+        let p = s.progress(Instant::now());
+        status.state = match p.state {
+            virtio_mem::ResizeState::Idle => ResizeState::Idle,
+            virtio_mem::ResizeState::Plugging => ResizeState::Plugging,
+            virtio_mem::ResizeState::Unplugging => ResizeState::Unplugging,
+            virtio_mem::ResizeState::Stalled => ResizeState::Stalled,
+        };
+        status.progress = Progress {
+            moved_bytes: p.moved_bytes,
+            remaining_bytes: p.remaining_bytes,
+            rate_bytes_per_s: p.rate_bytes_per_s,
+            eta_s: p.eta_s.map(|s| whole_secs(s).saturating_add(1)),
+        };
+        status.stalled_for_s = p.stalled_for_s.map(whole_secs);
+        status.reason = p.reason.map(|r| r.message());
         drop(dev);
         (status.host_resident_bytes, status.host_resident_age_ms) = self.resident.get();
         status
