@@ -163,7 +163,12 @@ fn run(path: Path, size: u64, socket: &std::path::Path) -> Figures {
             }))
         }
     };
-    let api = Arc::new(MemoryApi::new(Arc::clone(&device), Arc::clone(&region)));
+    let slots = hotplug.lock().unwrap().registered_slots_gauge();
+    let api = Arc::new(MemoryApi::new(
+        Arc::clone(&device),
+        Arc::clone(&region),
+        slots,
+    ));
     let server = ApiServer::start(socket, api).unwrap();
 
     let done = Arc::new(AtomicBool::new(false));

@@ -492,6 +492,7 @@ impl Vm {
             memslots,
             self.mem_handle.clone(),
         )?;
+        let registered_slots = backend.registered_slots_gauge();
         let backend: SharedHotplug = Arc::new(Mutex::new(backend));
         let mut dcfg = virtio_mem::DeviceConfig::new(layout);
         dcfg.initial_requested_size = hp.requested_size;
@@ -503,7 +504,7 @@ impl Vm {
         )?));
         let mmio = Arc::new(Mutex::new(VirtioMemMmio::new(device.clone(), backend, irq)));
         self.add_virtio_device(mmio)?;
-        Ok(MemoryApi::new(device, region))
+        Ok(MemoryApi::new(device, region, registered_slots))
     }
 
     /// Adds the virtio entropy device and its queue handler.

@@ -213,6 +213,8 @@ pub struct HostWork {
     done: usize,
     /// What stopped the rest.
     error: Option<BackendError>,
+    /// Time the backend took.
+    host_time: Duration,
 }
 
 impl HostWork {
@@ -223,6 +225,7 @@ impl HostWork {
             runs,
             done: 0,
             error: None,
+            host_time: Duration::ZERO,
         }
     }
 
@@ -239,6 +242,7 @@ impl HostWork {
     /// Plugs or unplugs the runs on `backend`, in order, stopping at the first failure.
     /// Runs once; a second call does nothing.
     pub fn run<B: BlockBackend>(&mut self, backend: &mut B) {
+        let start = Instant::now();
         while self.error.is_none() && self.done < self.runs.len() {
             let run = &self.runs[self.done];
             let result = if self.unplug {
@@ -251,6 +255,7 @@ impl HostWork {
                 Err(e) => self.error = Some(e),
             }
         }
+        self.host_time += start.elapsed();
     }
 }
 
@@ -549,6 +554,8 @@ impl<B: BlockBackend> PlugState<B> {
             self.bitmap.set_range(run.blocks.clone(), !work.unplug);
             self.bump_generation();
         }
+        let moved: u64 = work.runs[..work.done].iter().map(|r| r.len).sum();
+        self.metrics.host_work(work.unplug, moved, work.host_time);
         let resp = match work.error {
             Some(e) => self.backend_failed(e),
             None => {

@@ -24,7 +24,7 @@ pub use backend::{BackendError, BlockBackend, Interrupt};
 pub use bitmap::BlockBitmap;
 pub use block_layout::{BlockLayout, LayoutError};
 pub use device::{DeviceConfig, HostWork, PlugState, Prepared, ResizeOutcome, VirtioMemError};
-pub use metrics::{Metrics, RateLimit};
+pub use metrics::{Histogram, Metrics, RateLimit, HOST_TIME_BUCKETS_S};
 pub use progress::{ResizeProgress, ResizeState, StallReason};
 pub use queue::{Completion, MalformedChain, TakenRequest, VirtioMem};
 pub use wire::{BlockState, Request, Response};

@@ -56,9 +56,58 @@ pub struct Metrics {
     pub backend_failures: u64,
     /// Failures to write the used ring or signal the driver.
     pub queue_errors: u64,
+    /// Bytes the host plugged for the guest's requests.
+    pub bytes_plugged: u64,
+    /// Bytes the host unplugged (UNPLUG and UNPLUG_ALL).
+    pub bytes_unplugged: u64,
+    /// Host time of each plug request's work (populate, KVM slots).
+    pub plug_host_time: Histogram,
+    /// Host time of each unplug request's work (discard, protection, KVM slots).
+    pub unplug_host_time: Histogram,
+}
+
+/// Upper bounds, in seconds, of [`Histogram`]'s buckets (a last one holds the rest).
+pub const HOST_TIME_BUCKETS_S: [f64; 9] = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// A histogram of durations over [`HOST_TIME_BUCKETS_S`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last counts those above every bound.
+    pub buckets: [u64; HOST_TIME_BUCKETS_S.len() + 1],
+    /// Sum of all observations, in nanoseconds.
+    pub sum_ns: u64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Adds one observation.
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = HOST_TIME_BUCKETS_S
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(HOST_TIME_BUCKETS_S.len());
+        self.buckets[i] = self.buckets[i].saturating_add(1);
+        self.sum_ns = self
+            .sum_ns
+            .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.count = self.count.saturating_add(1);
+    }
 }
 
 impl Metrics {
+    /// One request's host work, which moved `bytes` in `time`.
+    pub(crate) fn host_work(&mut self, unplug: bool, bytes: u64, time: Duration) {
+        if unplug {
+            self.bytes_unplugged = self.bytes_unplugged.saturating_add(bytes);
+            self.unplug_host_time.observe(time);
+        } else {
+            self.bytes_plugged = self.bytes_plugged.saturating_add(bytes);
+            self.plug_host_time.observe(time);
+        }
+    }
+
     pub(crate) fn count(&mut self, req: &Request, resp: Response) {
         match req {
             Request::Plug { .. } => self.plug.add(resp),
@@ -115,6 +164,21 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_work_lands_in_its_bucket_and_its_byte_count() {
+        let mut m = Metrics::default();
+        m.host_work(false, 128 << 20, Duration::from_micros(700));
+        m.host_work(false, 2 << 20, Duration::from_secs(60));
+        m.host_work(true, 64 << 20, Duration::from_millis(5));
+        assert_eq!((m.bytes_plugged, m.bytes_unplugged), (130 << 20, 64 << 20));
+        // 0.7 ms is in the 1 ms bucket; 60 s above every bound; 5 ms in the 5 ms bucket.
+        assert_eq!(m.plug_host_time.buckets[1], 1);
+        assert_eq!(m.plug_host_time.buckets[HOST_TIME_BUCKETS_S.len()], 1);
+        assert_eq!(m.unplug_host_time.buckets[2], 1);
+        assert_eq!(m.plug_host_time.count, 2);
+        assert_eq!(m.plug_host_time.sum_ns, 60_000_700_000);
+    }
 
     #[test]
     fn rate_limit_drops_past_the_burst_and_counts() {

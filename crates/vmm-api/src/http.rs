@@ -154,10 +154,18 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes a complete response with a JSON body and closes the exchange.
-pub fn write_response<W: Write>(w: &mut W, status: u16, json: &str) -> io::Result<()> {
+/// The content type of every answer but `GET /metrics`.
+pub const JSON: &str = "application/json";
+
+/// Writes a complete response with a body of `content_type` and closes the exchange.
+pub fn write_response<W: Write>(
+    w: &mut W,
+    status: u16,
+    content_type: &str,
+    json: &str,
+) -> io::Result<()> {
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
         reason(status),
         json.len() + 1
     );
@@ -275,7 +283,7 @@ mod tests {
     #[test]
     fn response_has_length_and_close() {
         let mut out = Vec::new();
-        write_response(&mut out, 404, "{\"error\":\"x\"}").unwrap();
+        write_response(&mut out, 404, JSON, "{\"error\":\"x\"}").unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
         assert!(text.contains("Content-Length: 14\r\n"));

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `GET /v1/memory` | 200, [`MemoryStatus`] as JSON (sizes, host memory, resize state and progress) |
 //! | `PUT /v1/memory` `{"requested_size": N}` | 202 and the new status: the resize started |
+//! | `GET /metrics` | 200, Prometheus text format: sizes, host memory, the device's counters |
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status: 400 malformed request or JSON,
 //! 404 unknown path, 405 wrong method, 411 no length, 413 body too large, 422 a size the
@@ -14,11 +15,13 @@
 //! The server knows nothing of the VMM: it calls a [`MemoryControl`] implementation.
 
 mod http;
+pub mod metrics;
 mod server;
 
 pub mod client;
 
-pub use server::{answer, ApiServer, ApiServerError};
+pub use metrics::MetricsText;
+pub use server::{answer, ApiServer, ApiServerError, Reply};
 
 use serde::{Deserialize, Serialize};
 
@@ -146,4 +149,12 @@ pub trait MemoryControl: Send + Sync {
     ///
     /// A [`ResizeError`] when the size is invalid or the VMM cannot act; nothing changes.
     fn resize(&self, requested_size: u64) -> Result<MemoryStatus, ResizeError>;
+
+    /// The `GET /metrics` page (Prometheus text format). By default the sizes and host
+    /// memory of [`MemoryControl::status`]; a VMM adds its device's counters.
+    fn metrics(&self) -> String {
+        let mut m = MetricsText::new();
+        m.status(&self.status());
+        m.finish()
+    }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use log::{debug, info, warn};
 
-use crate::http::{read_request, write_response, ReadError, Request};
+use crate::http::{read_request, write_response, ReadError, Request, JSON};
 use crate::{MemoryControl, ResizeError, ResizeRequest};
 
 /// Connections served at once; more get 503 at once.
@@ -228,7 +228,12 @@ fn accept_loop(listener: UnixListener, control: Arc<dyn MemoryControl>, stop: Ar
         let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
         if let Err(mut stream) = workers.dispatch(stream) {
-            let _ = write_response(&mut stream, 503, &error_json("too many API connections"));
+            let _ = write_response(
+                &mut stream,
+                503,
+                JSON,
+                &error_json("too many API connections"),
+            );
         }
     }
     workers.stop();
@@ -241,13 +246,10 @@ fn error_json(message: &str) -> String {
 /// Reads one request from `stream` and acts on it: the status and JSON body to answer,
 /// or `None` when the client went away first. Never panics on client input (the fuzz
 /// target `crates/vmm-api/fuzz` feeds it arbitrary bytes).
-pub fn answer<S: Read + io::Write>(
-    stream: &mut S,
-    control: &dyn MemoryControl,
-) -> Option<(u16, String)> {
+pub fn answer<S: Read + io::Write>(stream: &mut S, control: &dyn MemoryControl) -> Option<Reply> {
     match read_request(stream) {
         Ok(req) => Some(route(&req, control)),
-        Err(ReadError::Refuse(r)) => Some((r.status, error_json(&r.message))),
+        Err(ReadError::Refuse(r)) => Some(Reply::json(r.status, error_json(&r.message))),
         Err(ReadError::Io(e)) => {
             debug!("API: client went away: {e}");
             None
@@ -257,10 +259,10 @@ pub fn answer<S: Read + io::Write>(
 
 /// Serves one connection: read, route, answer.
 fn serve(stream: &mut UnixStream, control: &dyn MemoryControl) {
-    let Some((status, body)) = answer(stream, control) else {
+    let Some(reply) = answer(stream, control) else {
         return;
     };
-    if let Err(e) = write_response(stream, status, &body) {
+    if let Err(e) = write_response(stream, reply.status, reply.content_type, &reply.body) {
         debug!("API: cannot answer: {e}");
         return;
     }
@@ -275,12 +277,55 @@ fn serve(stream: &mut UnixStream, control: &dyn MemoryControl) {
 /// Most bytes read and thrown away after answering.
 const DRAIN_LIMIT: u64 = 1 << 20;
 
-fn route(req: &Request, control: &dyn MemoryControl) -> (u16, String) {
+/// What the server answers one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// The body's content type: JSON, or the Prometheus text format for `/metrics`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: String,
+}
+
+impl Reply {
+    fn json(status: u16, body: String) -> Self {
+        Reply {
+            status,
+            content_type: JSON,
+            body,
+        }
+    }
+}
+
+fn route(req: &Request, control: &dyn MemoryControl) -> Reply {
     let path = req.path.split('?').next().unwrap_or_default();
+    if path == "/metrics" {
+        return if req.method == "GET" {
+            Reply {
+                status: 200,
+                content_type: crate::metrics::CONTENT_TYPE,
+                body: control.metrics(),
+            }
+        } else {
+            Reply::json(
+                405,
+                error_json(&format!(
+                    "method {} not allowed on /metrics: use GET",
+                    req.method
+                )),
+            )
+        };
+    }
+    let (status, body) = route_memory(path, req, control);
+    Reply::json(status, body)
+}
+
+fn route_memory(path: &str, req: &Request, control: &dyn MemoryControl) -> (u16, String) {
     if path != "/v1/memory" {
         return (
             404,
-            error_json(&format!("no such path {path}: use /v1/memory")),
+            error_json(&format!("no such path {path}: use /v1/memory or /metrics")),
         );
     }
     match req.method.as_str() {

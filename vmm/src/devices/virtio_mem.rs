@@ -10,14 +10,16 @@
 //! memory API and the vCPUs' config reads never wait for it.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
+use virtio_mem::HOST_TIME_BUCKETS_S;
 use virtio_mem::{VirtioMem, VirtioMemError};
 use virtio_mmio::{ActivateError, Activation, InterruptKind, VirtioDevice, VirtioInterrupt};
-use vmm_api::{MemoryControl, MemoryStatus, Progress, ResizeError, ResizeState};
+use vmm_api::{MemoryControl, MemoryStatus, MetricsText, Progress, ResizeError, ResizeState};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -327,6 +329,7 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemMmio {
 pub struct MemoryApi {
     device: SharedVirtioMem,
     resident: ResidentSampler,
+    registered_slots: Arc<AtomicU64>,
 }
 
 /// Samples of the region's host-resident bytes are refreshed when a GET finds the last
@@ -384,11 +387,17 @@ impl ResidentSampler {
 }
 
 impl MemoryApi {
-    /// Serves `device`, whose host memory is `region`.
-    pub fn new(device: SharedVirtioMem, region: Arc<memory_backend::MemoryRegion>) -> Self {
+    /// Serves `device`, whose host memory is `region`; `registered_slots` is the hotplug
+    /// memory's count of KVM slots ([`HotplugMemory::registered_slots_gauge`]).
+    pub fn new(
+        device: SharedVirtioMem,
+        region: Arc<memory_backend::MemoryRegion>,
+        registered_slots: Arc<AtomicU64>,
+    ) -> Self {
         MemoryApi {
             device,
             resident: ResidentSampler::start(region),
+            registered_slots,
         }
     }
 
@@ -403,7 +412,93 @@ fn whole_secs(s: f64) -> u64 {
     Duration::try_from_secs_f64(s).map_or(u64::MAX, |d| d.as_secs())
 }
 
+fn answers(c: &virtio_mem::metrics::AnswerCounts) -> [(&'static str, u64); 4] {
+    [
+        ("ack", c.ack),
+        ("nack", c.nack),
+        ("busy", c.busy),
+        ("error", c.error),
+    ]
+}
+
+fn histogram(m: &mut MetricsText, name: &str, help: &str, h: &virtio_mem::Histogram) {
+    // Nanoseconds to seconds for the format; precision loss is far below a bucket.
+    let sum_s = h.sum_ns as f64 / 1e9;
+    m.histogram(name, help, &HOST_TIME_BUCKETS_S, &h.buckets, sum_s, h.count);
+}
+
 impl MemoryControl for MemoryApi {
+    fn metrics(&self) -> String {
+        let counters = *lock(&self.device).state().metrics();
+        let mut m = MetricsText::new();
+        m.status(&self.status());
+        let mut samples: Vec<([(&str, &str); 2], u64)> = Vec::new();
+        for (kind, c) in [
+            ("plug", &counters.plug),
+            ("unplug", &counters.unplug),
+            ("unplug_all", &counters.unplug_all),
+            ("state", &counters.state),
+        ] {
+            for (resp, v) in answers(c) {
+                samples.push(([("type", kind), ("response", resp)], v));
+            }
+        }
+        samples.push((
+            [("type", "unsupported"), ("response", "error")],
+            counters.unsupported,
+        ));
+        let requests: Vec<(&[(&str, &str)], u64)> =
+            samples.iter().map(|(l, v)| (l.as_slice(), *v)).collect();
+        m.counter(
+            "virtio_mem_requests_total",
+            "Guest requests by type and the device's answer.",
+            &requests,
+        );
+        m.counter(
+            "virtio_mem_plugged_bytes_total",
+            "Bytes the host plugged for the guest.",
+            &[(&[], counters.bytes_plugged)],
+        );
+        m.counter(
+            "virtio_mem_unplugged_bytes_total",
+            "Bytes the host unplugged for the guest.",
+            &[(&[], counters.bytes_unplugged)],
+        );
+        m.counter(
+            "virtio_mem_malformed_chains_total",
+            "Descriptor chains that were not a valid request (counted, answered, ignored).",
+            &[(&[], counters.malformed_chains)],
+        );
+        m.counter(
+            "virtio_mem_host_failures_total",
+            "Host work that failed (answered BUSY or ERROR; see host_error).",
+            &[(&[], counters.backend_failures)],
+        );
+        m.counter(
+            "virtio_mem_queue_errors_total",
+            "Used-ring writes or interrupts that failed.",
+            &[(&[], counters.queue_errors)],
+        );
+        histogram(
+            &mut m,
+            "virtio_mem_plug_host_seconds",
+            "Host time of each plug request (populate, KVM slots).",
+            &counters.plug_host_time,
+        );
+        histogram(
+            &mut m,
+            "virtio_mem_unplug_host_seconds",
+            "Host time of each unplug request (discard, protection, KVM slots).",
+            &counters.unplug_host_time,
+        );
+        m.gauge(
+            "kvm_slots_registered",
+            "KVM memory slots the virtio-mem region has registered.",
+            self.registered_slots.load(Ordering::Relaxed),
+        );
+        m.finish()
+    }
+
     fn status(&self) -> MemoryStatus {
         let dev = lock(&self.device);
         let s = dev.state();

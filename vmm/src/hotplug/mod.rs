@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,6 +137,9 @@ pub struct HotplugMemory {
     /// unplugged stays registered (over inaccessible memory) until
     /// [`HotplugMemory::release_idle_slots`]: see there why.
     slot_registered: Vec<bool>,
+    /// How many of `slot_registered` are true, readable without this struct's lock (for
+    /// `GET /metrics`, which must not wait on host work).
+    registered_gauge: Arc<AtomicU64>,
     memslots: Arc<dyn Memslots>,
     mem: GuestMemoryHandle,
     /// Boot RAM's regions, first in every published map.
@@ -236,6 +240,7 @@ impl HotplugMemory {
             first_slot,
             slot_plugged: vec![0; nr as usize],
             slot_registered: vec![false; nr as usize],
+            registered_gauge: Arc::new(AtomicU64::new(0)),
             memslots,
             mem,
             boot,
@@ -285,6 +290,18 @@ impl HotplugMemory {
         self.slot_registered.iter().filter(|&&r| r).count()
     }
 
+    /// The number of registered KVM slots, kept current for readers that must not take
+    /// the hotplug memory's lock.
+    pub fn registered_slots_gauge(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.registered_gauge)
+    }
+
+    fn set_registered(&mut self, idx: usize, registered: bool) {
+        self.slot_registered[idx] = registered;
+        let n = self.registered_slots() as u64;
+        self.registered_gauge.store(n, Ordering::Relaxed);
+    }
+
     /// True when some registered slot has no plugged block left.
     pub fn has_idle_slots(&self) -> bool {
         self.idle_slots().next().is_some()
@@ -311,7 +328,7 @@ impl HotplugMemory {
         let mut removed = 0;
         for &idx in &idle {
             if self.remove_slot(idx, idx as u64 * self.slot_size) {
-                self.slot_registered[idx] = false;
+                self.set_registered(idx, false);
                 removed += 1;
             }
         }
@@ -541,7 +558,7 @@ impl BlockBackend for HotplugMemory {
                         // One KVM refuses to remove stays registered, idle, for
                         // release_idle_slots to retry.
                         if self.remove_slot(i, so) {
-                            self.slot_registered[i] = false;
+                            self.set_registered(i, false);
                         }
                     }
                     if let Err(undo) = self.region.unplug(offset, len) {
@@ -557,7 +574,7 @@ impl BlockBackend for HotplugMemory {
                     self.slot_number(idx),
                     t.elapsed()
                 );
-                self.slot_registered[idx] = true;
+                self.set_registered(idx, true);
                 added.push((idx, slot_offset));
             }
         }
@@ -872,6 +889,11 @@ mod tests {
                 "slot {idx} plugged, not in KVM"
             );
         }
+        assert_eq!(
+            h.registered_slots_gauge().load(Ordering::Relaxed),
+            live.len() as u64,
+            "the lock-free slot count follows KVM"
+        );
         let m = mem.memory();
         let seen: BTreeMap<u64, u64> = m
             .iter()

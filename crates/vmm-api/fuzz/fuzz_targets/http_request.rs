@@ -77,9 +77,10 @@ fuzz_target!(|data: &[u8]| {
         input: data,
         written: Vec::new(),
     };
-    let Some((status, body)) = vmm_api::answer(&mut conn, &model) else {
+    let Some(reply) = vmm_api::answer(&mut conn, &model) else {
         return;
     };
+    let (status, body) = (reply.status, reply.body);
     assert!(
         (200..300).contains(&status)
             || (400..500).contains(&status)
@@ -88,10 +89,16 @@ fuzz_target!(|data: &[u8]| {
             || status == 505,
         "status {status}"
     );
-    assert!(
-        serde_json_is_object(&body),
-        "answer body is not a JSON object: {body:?}"
-    );
+    if reply.content_type == vmm_api::metrics::CONTENT_TYPE {
+        // Only a GET of /metrics answers in the Prometheus format.
+        assert_eq!(status, 200, "a metrics page with status {status}");
+        assert!(body.contains("# TYPE vmm_"), "metrics page without families: {body:?}");
+    } else {
+        assert!(
+            serde_json_is_object(&body),
+            "answer body is not a JSON object: {body:?}"
+        );
+    }
     if !(200..300).contains(&status) {
         assert_eq!(
             *model.0.lock().expect("model lock"),
