@@ -5,9 +5,10 @@
 
 #![expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use memory_backend::MemoryRegion;
 use prometheus_parse::{Scrape, Value};
@@ -17,7 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm::devices::virtio_mem::{InterruptLine, MemoryApi, SharedHotplug, SharedVirtioMem};
 use vmm::hotplug::HotplugMemory;
 use vmm::memory::GuestMemoryHandle;
-use vmm_api::{ApiServer, ResizeState};
+use vmm_api::{ApiServer, Event, EventKind, ResizeState};
 
 mod support;
 
@@ -26,6 +27,25 @@ use support::{region_at, Slots};
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
 const BASE: u64 = 4 << 30;
+
+fn subscribe(socket: &std::path::Path) -> BufReader<UnixStream> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(s, "GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while line != "\r\n" {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    r
+}
+
+fn next_event(r: &mut BufReader<UnixStream>) -> Event {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
 
 fn get(socket: &std::path::Path, path: &str) -> (String, String) {
     let mut s = UnixStream::connect(socket).unwrap();
@@ -85,9 +105,13 @@ fn metrics_and_resize_state_follow_the_guests_requests() {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("api.sock");
     let _server = ApiServer::start(&socket, api).unwrap();
+    let mut events = subscribe(&socket);
+    // The watcher looks every 250 ms: give it time to see each step.
+    let settle = || std::thread::sleep(Duration::from_millis(600));
 
     // The operator asks for 8 MiB; the guest plugs 4 of it, and sends one bad request.
     vmm_api::client::resize(&socket, 8 * MIB).unwrap();
+    settle();
     {
         let mut d = device.lock().unwrap();
         let s = d.state_mut();
@@ -102,6 +126,8 @@ fn metrics_and_resize_state_follow_the_guests_requests() {
         };
         assert_eq!(s.handle(unplug_unplugged), Response::Error);
     }
+    // Progress events come at most once a second.
+    std::thread::sleep(Duration::from_millis(1500));
 
     let status = vmm_api::client::status(&socket).unwrap();
     assert_eq!(status.state, ResizeState::Plugging);
@@ -173,6 +199,28 @@ fn metrics_and_resize_state_follow_the_guests_requests() {
     });
     let status = vmm_api::client::status(&socket).unwrap();
     assert_eq!(status.state, ResizeState::Idle);
+    // The events told the same story, in order.
+    let mut kinds = Vec::new();
+    loop {
+        let kind = next_event(&mut events).kind;
+        let done = matches!(kind, EventKind::Done { .. });
+        kinds.push(kind);
+        if done {
+            break;
+        }
+    }
+    let at = |want: &dyn Fn(&EventKind) -> bool| kinds.iter().position(want);
+    let requested = at(
+        &|k| matches!(k, EventKind::ResizeRequested { requested_size, plugged_size: 0 } if *requested_size == 8 * MIB),
+    );
+    let progress = at(
+        &|k| matches!(k, EventKind::Progress { plugged_size, state: ResizeState::Plugging, .. } if *plugged_size == 4 * MIB),
+    );
+    let done = at(&|k| matches!(k, EventKind::Done { plugged_size } if *plugged_size == 8 * MIB));
+    assert!(
+        requested < progress && progress < done && requested.is_some(),
+        "{kinds:?}"
+    );
     let (head, _) = get(&socket, "/nope");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     let _ = std::fs::remove_dir_all(&dir);

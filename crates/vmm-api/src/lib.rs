@@ -6,6 +6,7 @@
 //! | `GET /v1/memory` | 200, [`MemoryStatus`] as JSON (sizes, host memory, resize state and progress) |
 //! | `PUT /v1/memory` `{"requested_size": N}` | 202 and the new status: the resize started |
 //! | `GET /metrics` | 200, Prometheus text format: sizes, host memory, the device's counters |
+//! | `GET /v1/events` | 200 and a stream of newline-delimited JSON [`Event`]s until the client closes |
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status: 400 malformed request or JSON,
 //! 404 unknown path, 405 wrong method, 411 no length, 413 body too large, 422 a size the
@@ -14,12 +15,14 @@
 //!
 //! The server knows nothing of the VMM: it calls a [`MemoryControl`] implementation.
 
+pub mod events;
 mod http;
 pub mod metrics;
 mod server;
 
 pub mod client;
 
+pub use events::{Event, EventBus, EventKind, Subscription};
 pub use metrics::MetricsText;
 pub use server::{answer, ApiServer, ApiServerError, Reply};
 
@@ -156,5 +159,10 @@ pub trait MemoryControl: Send + Sync {
         let mut m = MetricsText::new();
         m.status(&self.status());
         m.finish()
+    }
+
+    /// The events `GET /v1/events` streams; `None` (the default) answers 404 there.
+    fn events(&self) -> Option<&EventBus> {
+        None
     }
 }

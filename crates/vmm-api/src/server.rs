@@ -12,7 +12,7 @@ use std::io::{self, ErrorKind, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -20,10 +20,15 @@ use std::time::Duration;
 use log::{debug, info, warn};
 
 use crate::http::{read_request, write_response, ReadError, Request, JSON};
-use crate::{MemoryControl, ResizeError, ResizeRequest};
+use crate::{EventBus, MemoryControl, ResizeError, ResizeRequest};
 
 /// Connections served at once; more get 503 at once.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Event streams served at once (each on a thread of its own, not a connection thread);
+/// more get 503.
+pub const MAX_STREAMS: usize = 64;
+/// Content type of the event stream.
+pub const NDJSON: &str = "application/x-ndjson";
 /// How long a client may take to send its request or read the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -128,6 +133,8 @@ impl Drop for ApiServer {
 /// Connection threads and the connections waiting for one.
 struct Workers {
     control: Arc<dyn MemoryControl>,
+    /// Event streams running.
+    streams: Arc<AtomicUsize>,
     queue: Mutex<WorkerQueue>,
     ready: Condvar,
 }
@@ -183,7 +190,7 @@ impl Workers {
         loop {
             if let Some(mut stream) = q.waiting.pop_front() {
                 drop(q);
-                serve(&mut stream, self.control.as_ref());
+                serve(&mut stream, self.control.as_ref(), &self.streams);
                 drop(stream);
                 q = self.lock();
                 continue;
@@ -206,6 +213,7 @@ impl Workers {
 fn accept_loop(listener: UnixListener, control: Arc<dyn MemoryControl>, stop: Arc<AtomicBool>) {
     let workers = Arc::new(Workers {
         control,
+        streams: Arc::new(AtomicUsize::new(0)),
         queue: Mutex::new(WorkerQueue {
             waiting: VecDeque::new(),
             threads: 0,
@@ -257,11 +265,17 @@ pub fn answer<S: Read + io::Write>(stream: &mut S, control: &dyn MemoryControl) 
     }
 }
 
-/// Serves one connection: read, route, answer.
-fn serve(stream: &mut UnixStream, control: &dyn MemoryControl) {
+/// Serves one connection: read, route, answer (or hand an event stream to its thread).
+fn serve(stream: &mut UnixStream, control: &dyn MemoryControl, streams: &Arc<AtomicUsize>) {
     let Some(reply) = answer(stream, control) else {
         return;
     };
+    if reply.status == 200 && reply.content_type == NDJSON {
+        if let Some(bus) = control.events() {
+            start_stream(stream, bus, streams);
+            return;
+        }
+    }
     if let Err(e) = write_response(stream, reply.status, reply.content_type, &reply.body) {
         debug!("API: cannot answer: {e}");
         return;
@@ -272,6 +286,58 @@ fn serve(stream: &mut UnixStream, control: &dyn MemoryControl) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let _ = io::copy(&mut (&*stream).take(DRAIN_LIMIT), &mut io::sink());
+}
+
+/// Streams the events of `bus` to `stream` on a thread of its own, until the client goes
+/// away. A client that stops reading fills its socket: the write times out
+/// ([`IO_TIMEOUT`]) and the stream ends; the bus meanwhile drops only that client's
+/// oldest events.
+fn start_stream(stream: &mut UnixStream, bus: &EventBus, streams: &Arc<AtomicUsize>) {
+    if streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
+        streams.fetch_sub(1, Ordering::SeqCst);
+        let _ = write_response(stream, 503, JSON, &error_json("too many event streams"));
+        return;
+    }
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nConnection: close\r\n\r\n");
+    let (Ok(mut out), Ok(())) = (
+        stream.try_clone(),
+        io::Write::write_all(stream, head.as_bytes()),
+    ) else {
+        streams.fetch_sub(1, Ordering::SeqCst);
+        return;
+    };
+    let sub = bus.subscribe();
+    let count = Arc::clone(streams);
+    let spawned = std::thread::Builder::new()
+        .name("api-events".into())
+        .spawn(move || {
+            let mut probe = [0u8; 64];
+            let _ = out.set_read_timeout(Some(Duration::from_millis(1)));
+            loop {
+                let Some(event) = sub.next(Duration::from_secs(1)) else {
+                    // Quiet: find out whether the client is still there (end of file
+                    // when it closed; what it sends after its request is ignored).
+                    match io::Read::read(&mut out, &mut probe) {
+                        Ok(0) => break,
+                        Err(e)
+                            if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                        {
+                            break
+                        }
+                        _ => continue,
+                    }
+                };
+                let line = event.to_line() + "\n";
+                if io::Write::write_all(&mut out, line.as_bytes()).is_err() {
+                    break;
+                }
+            }
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        warn!("API: cannot start an event stream thread: {e}");
+        streams.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Most bytes read and thrown away after answering.
@@ -300,6 +366,21 @@ impl Reply {
 
 fn route(req: &Request, control: &dyn MemoryControl) -> Reply {
     let path = req.path.split('?').next().unwrap_or_default();
+    if path == "/v1/events" {
+        return match (req.method.as_str(), control.events()) {
+            // The head of a stream: the caller subscribes and writes the events.
+            ("GET", Some(_)) => Reply {
+                status: 200,
+                content_type: NDJSON,
+                body: String::new(),
+            },
+            ("GET", None) => Reply::json(404, error_json("this VMM publishes no events")),
+            (m, _) => Reply::json(
+                405,
+                error_json(&format!("method {m} not allowed on /v1/events: use GET")),
+            ),
+        };
+    }
     if path == "/metrics" {
         return if req.method == "GET" {
             Reply {

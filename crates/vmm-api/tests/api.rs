@@ -9,7 +9,13 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use vmm_api::{client, ApiServer, ApiServerError, MemoryControl, MemoryStatus, ResizeError};
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+
+use vmm_api::{
+    client, ApiServer, ApiServerError, Event, EventBus, EventKind, MemoryControl, MemoryStatus,
+    ResizeError,
+};
 
 const BS: u64 = 2 << 20;
 const REGION: u64 = 4 << 30;
@@ -17,6 +23,7 @@ const REGION: u64 = 4 << 30;
 struct Fake {
     status: Mutex<MemoryStatus>,
     resizes: Mutex<Vec<u64>>,
+    bus: EventBus,
 }
 
 impl MemoryControl for Fake {
@@ -40,7 +47,15 @@ impl MemoryControl for Fake {
         self.resizes.lock().unwrap().push(size);
         let mut s = self.status.lock().unwrap();
         s.requested_size = size;
+        self.bus.publish(EventKind::ResizeRequested {
+            requested_size: size,
+            plugged_size: s.plugged_size,
+        });
         Ok(s.clone())
+    }
+
+    fn events(&self) -> Option<&EventBus> {
+        Some(&self.bus)
     }
 }
 
@@ -79,6 +94,7 @@ fn env(name: &str) -> Env {
             ..Default::default()
         }),
         resizes: Mutex::new(Vec::new()),
+        bus: EventBus::new(),
     });
     let server = ApiServer::start(&path, fake.clone()).unwrap();
     Env {
@@ -302,4 +318,92 @@ fn a_client_never_hangs_on_a_vmm_that_does_not_answer() {
     let e = client::resize_within(&path, 0, Duration::from_millis(300)).unwrap_err();
     assert!(e.to_string().contains("PUT /v1/memory"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Opens `GET /v1/events` and returns the reader past the answer's head.
+fn subscribe(path: &std::path::Path) -> std::io::BufReader<UnixStream> {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h == "\r\n" {
+            return r;
+        }
+        if h.starts_with("Content-Type") {
+            assert!(h.contains("application/x-ndjson"), "{h}");
+        }
+    }
+}
+
+fn next_event(r: &mut std::io::BufReader<UnixStream>) -> Event {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+#[test]
+fn events_reach_every_client_and_a_stuck_one_holds_nobody_up() {
+    let e = env("events");
+    let mut a = subscribe(&e.path);
+    let mut b = subscribe(&e.path);
+    // Subscribes, then never reads: its socket fills, and nothing waits for it.
+    let stuck = subscribe(&e.path);
+    // The subscriptions are made by the server's threads: wait until all three exist.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.fake.bus.subscribers() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(e.fake.bus.subscribers(), 3);
+    client::resize(&e.path, 2 * BS).unwrap();
+    for r in [&mut a, &mut b] {
+        assert_eq!(
+            next_event(r).kind,
+            EventKind::ResizeRequested {
+                requested_size: 2 * BS,
+                plugged_size: 0
+            }
+        );
+    }
+    // Flood far past what the stuck client's socket and queue hold; the API still answers
+    // at once and the reading clients get the latest.
+    let t = Instant::now();
+    for i in 0..5000 {
+        e.fake.bus.publish(EventKind::Done { plugged_size: i });
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "publishing waited: {:?}",
+        t.elapsed()
+    );
+    client::status(&e.path).unwrap();
+    let mut last = None;
+    while last != Some(4999) {
+        match next_event(&mut a).kind {
+            EventKind::Done { plugged_size } => last = Some(plugged_size),
+            EventKind::Dropped { count } => assert!(count > 0),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A client that goes away is forgotten.
+    drop(stuck);
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while e.fake.bus.subscribers() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(e.fake.bus.subscribers(), 1, "closed clients unsubscribed");
+}
+
+#[test]
+fn events_refuse_other_methods() {
+    let e = env("events-put");
+    let (status, _) = raw(&e, b"PUT /v1/events HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status, 405);
 }

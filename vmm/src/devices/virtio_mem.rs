@@ -19,7 +19,10 @@ use log::{error, info, warn};
 use virtio_mem::HOST_TIME_BUCKETS_S;
 use virtio_mem::{VirtioMem, VirtioMemError};
 use virtio_mmio::{ActivateError, Activation, InterruptKind, VirtioDevice, VirtioInterrupt};
-use vmm_api::{MemoryControl, MemoryStatus, MetricsText, Progress, ResizeError, ResizeState};
+use vmm_api::{
+    EventBus, EventKind, MemoryControl, MemoryStatus, MetricsText, Progress, ResizeError,
+    ResizeState,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -330,6 +333,103 @@ pub struct MemoryApi {
     device: SharedVirtioMem,
     resident: ResidentSampler,
     registered_slots: Arc<AtomicU64>,
+    events: Arc<EventBus>,
+    /// Stops the event watcher when the API goes (it ends when this is dropped).
+    _watcher: mpsc::Sender<()>,
+}
+
+/// How often the event watcher looks at the device.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// Progress events come at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// What the watcher saw last, to publish only changes.
+#[derive(Default)]
+struct Seen {
+    bound: bool,
+    host_error: Option<String>,
+    state: Option<virtio_mem::ResizeState>,
+    plugged: u64,
+    last_progress: Option<Instant>,
+}
+
+/// Looks at the device every [`WATCH_EVERY`] and publishes what changed: driver ready or
+/// reset, host errors, progress (at most once a second), done, stalled.
+fn watch(device: SharedVirtioMem, events: Arc<EventBus>, stop: mpsc::Receiver<()>) {
+    let mut seen = Seen::default();
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_EVERY) {
+        let (bound, host_error, p, plugged, requested) = {
+            let dev = lock(&device);
+            let s = dev.state();
+            (
+                s.acked_features() != 0,
+                s.host_error().map(str::to_string),
+                s.progress(Instant::now()),
+                s.plugged_size(),
+                s.requested_size(),
+            )
+        };
+        if bound != seen.bound {
+            events.publish(if bound {
+                EventKind::DriverReady
+            } else {
+                EventKind::Reset
+            });
+            seen.bound = bound;
+        }
+        if host_error != seen.host_error {
+            events.publish(EventKind::HostError {
+                error: host_error.clone(),
+            });
+            seen.host_error = host_error;
+        }
+        let state = p.state;
+        let changed = seen.state != Some(state);
+        match state {
+            virtio_mem::ResizeState::Idle => {
+                if changed && seen.state.is_some() {
+                    events.publish(EventKind::Done {
+                        plugged_size: plugged,
+                    });
+                }
+            }
+            virtio_mem::ResizeState::Stalled => {
+                if changed {
+                    events.publish(EventKind::Stalled {
+                        plugged_size: plugged,
+                        requested_size: requested,
+                        reason: p.reason.map(|r| r.message()).unwrap_or_default(),
+                    });
+                }
+            }
+            virtio_mem::ResizeState::Plugging | virtio_mem::ResizeState::Unplugging => {
+                let due = seen
+                    .last_progress
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+                if changed || (due && plugged != seen.plugged) {
+                    events.publish(EventKind::Progress {
+                        state: api_state(state),
+                        plugged_size: plugged,
+                        requested_size: requested,
+                        rate_bytes_per_s: p.rate_bytes_per_s,
+                        eta_s: p.eta_s.map(|s| whole_secs(s).saturating_add(1)),
+                    });
+                    seen.last_progress = Some(Instant::now());
+                    seen.plugged = plugged;
+                }
+            }
+        }
+        seen.state = Some(state);
+    }
+}
+
+fn api_state(s: virtio_mem::ResizeState) -> ResizeState {
+    match s {
+        virtio_mem::ResizeState::Idle => ResizeState::Idle,
+        virtio_mem::ResizeState::Plugging => ResizeState::Plugging,
+        virtio_mem::ResizeState::Unplugging => ResizeState::Unplugging,
+        virtio_mem::ResizeState::Stalled => ResizeState::Stalled,
+    }
 }
 
 /// Samples of the region's host-resident bytes are refreshed when a GET finds the last
@@ -394,10 +494,21 @@ impl MemoryApi {
         region: Arc<memory_backend::MemoryRegion>,
         registered_slots: Arc<AtomicU64>,
     ) -> Self {
+        let events = Arc::new(EventBus::new());
+        let (stop, stopped) = mpsc::channel();
+        let (d, e) = (Arc::clone(&device), Arc::clone(&events));
+        if let Err(err) = std::thread::Builder::new()
+            .name("vmm-events".into())
+            .spawn(move || watch(d, e, stopped))
+        {
+            warn!("virtio-mem: no thread to watch the device, GET /v1/events stays quiet: {err}");
+        }
         MemoryApi {
             device,
             resident: ResidentSampler::start(region),
             registered_slots,
+            events,
+            _watcher: stop,
         }
     }
 
@@ -515,12 +626,7 @@ impl MemoryControl for MemoryApi {
             ..MemoryStatus::default()
         };
         let p = s.progress(Instant::now());
-        status.state = match p.state {
-            virtio_mem::ResizeState::Idle => ResizeState::Idle,
-            virtio_mem::ResizeState::Plugging => ResizeState::Plugging,
-            virtio_mem::ResizeState::Unplugging => ResizeState::Unplugging,
-            virtio_mem::ResizeState::Stalled => ResizeState::Stalled,
-        };
+        status.state = api_state(p.state);
         status.progress = Progress {
             moved_bytes: p.moved_bytes,
             remaining_bytes: p.remaining_bytes,
@@ -534,9 +640,14 @@ impl MemoryControl for MemoryApi {
         status
     }
 
+    fn events(&self) -> Option<&EventBus> {
+        Some(&self.events)
+    }
+
     fn resize(&self, requested_size: u64) -> Result<MemoryStatus, ResizeError> {
-        lock(&self.device)
-            .set_requested_size(requested_size)
+        let mut dev = lock(&self.device);
+        let plugged_size = dev.state().plugged_size();
+        dev.set_requested_size(requested_size)
             .map_err(|e| match e {
                 VirtioMemError::UnalignedRequestedSize { size, block_size } => {
                     ResizeError::Unaligned { size, block_size }
@@ -546,6 +657,11 @@ impl MemoryControl for MemoryApi {
                 }
                 other => ResizeError::Unavailable(other.to_string()),
             })?;
+        drop(dev);
+        self.events.publish(EventKind::ResizeRequested {
+            requested_size,
+            plugged_size,
+        });
         Ok(self.status())
     }
 }
