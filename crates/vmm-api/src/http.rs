@@ -157,11 +157,13 @@ fn reason(status: u16) -> &'static str {
 /// The content type of every answer but `GET /metrics`.
 pub const JSON: &str = "application/json";
 
-/// Writes a complete response with a body of `content_type` and closes the exchange.
+/// Writes a complete response with a body of `content_type` and closes the exchange;
+/// `allow` lists the methods of the path for a 405.
 pub fn write_response<W: Write>(
     w: &mut W,
     status: u16,
     content_type: &str,
+    allow: &str,
     json: &str,
 ) -> io::Result<()> {
     let mut out = format!(
@@ -169,8 +171,8 @@ pub fn write_response<W: Write>(
         reason(status),
         json.len() + 1
     );
-    if status == 405 {
-        out.push_str("Allow: GET, PUT\r\n");
+    if status == 405 && !allow.is_empty() {
+        out.push_str(&format!("Allow: {allow}\r\n"));
     }
     out.push_str("\r\n");
     out.push_str(json);
@@ -283,7 +285,7 @@ mod tests {
     #[test]
     fn response_has_length_and_close() {
         let mut out = Vec::new();
-        write_response(&mut out, 404, JSON, "{\"error\":\"x\"}").unwrap();
+        write_response(&mut out, 404, JSON, "", "{\"error\":\"x\"}").unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
         assert!(text.contains("Content-Length: 14\r\n"));

@@ -240,6 +240,7 @@ fn accept_loop(listener: UnixListener, control: Arc<dyn MemoryControl>, stop: Ar
                 &mut stream,
                 503,
                 JSON,
+                "",
                 &error_json("too many API connections"),
             );
         }
@@ -276,7 +277,13 @@ fn serve(stream: &mut UnixStream, control: &dyn MemoryControl, streams: &Arc<Ato
             return;
         }
     }
-    if let Err(e) = write_response(stream, reply.status, reply.content_type, &reply.body) {
+    if let Err(e) = write_response(
+        stream,
+        reply.status,
+        reply.content_type,
+        reply.allow,
+        &reply.body,
+    ) {
         debug!("API: cannot answer: {e}");
         return;
     }
@@ -295,7 +302,7 @@ fn serve(stream: &mut UnixStream, control: &dyn MemoryControl, streams: &Arc<Ato
 fn start_stream(stream: &mut UnixStream, bus: &EventBus, streams: &Arc<AtomicUsize>) {
     if streams.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
         streams.fetch_sub(1, Ordering::SeqCst);
-        let _ = write_response(stream, 503, JSON, &error_json("too many event streams"));
+        let _ = write_response(stream, 503, JSON, "", &error_json("too many event streams"));
         return;
     }
     let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {NDJSON}\r\nConnection: close\r\n\r\n");
@@ -352,6 +359,8 @@ pub struct Reply {
     pub content_type: &'static str,
     /// The body.
     pub body: String,
+    /// The path's methods, for a 405 answer's `Allow` header.
+    pub allow: &'static str,
 }
 
 impl Reply {
@@ -360,6 +369,7 @@ impl Reply {
             status,
             content_type: JSON,
             body,
+            allow: "",
         }
     }
 }
@@ -373,12 +383,16 @@ fn route(req: &Request, control: &dyn MemoryControl) -> Reply {
                 status: 200,
                 content_type: NDJSON,
                 body: String::new(),
+                allow: "",
             },
             ("GET", None) => Reply::json(404, error_json("this VMM publishes no events")),
-            (m, _) => Reply::json(
-                405,
-                error_json(&format!("method {m} not allowed on /v1/events: use GET")),
-            ),
+            (m, _) => Reply {
+                allow: "GET",
+                ..Reply::json(
+                    405,
+                    error_json(&format!("method {m} not allowed on /v1/events: use GET")),
+                )
+            },
         };
     }
     if path == "/metrics" {
@@ -387,19 +401,26 @@ fn route(req: &Request, control: &dyn MemoryControl) -> Reply {
                 status: 200,
                 content_type: crate::metrics::CONTENT_TYPE,
                 body: control.metrics(),
+                allow: "",
             }
         } else {
-            Reply::json(
-                405,
-                error_json(&format!(
-                    "method {} not allowed on /metrics: use GET",
-                    req.method
-                )),
-            )
+            Reply {
+                allow: "GET",
+                ..Reply::json(
+                    405,
+                    error_json(&format!(
+                        "method {} not allowed on /metrics: use GET",
+                        req.method
+                    )),
+                )
+            }
         };
     }
     let (status, body) = route_memory(path, req, control);
-    Reply::json(status, body)
+    Reply {
+        allow: "GET, PUT",
+        ..Reply::json(status, body)
+    }
 }
 
 fn route_memory(path: &str, req: &Request, control: &dyn MemoryControl) -> (u16, String) {

@@ -105,6 +105,7 @@ fn env(name: &str) -> Env {
 struct Answer {
     status: u16,
     content_type: String,
+    allow: String,
     body: String,
 }
 
@@ -117,6 +118,7 @@ fn send(socket: &Path, request: &[u8], stream: bool, bus: Option<&EventBus>) -> 
     r.read_line(&mut line).unwrap();
     let status = line.split(' ').nth(1).unwrap().parse().unwrap();
     let mut content_type = String::new();
+    let mut allow = String::new();
     loop {
         line.clear();
         r.read_line(&mut line).unwrap();
@@ -125,6 +127,9 @@ fn send(socket: &Path, request: &[u8], stream: bool, bus: Option<&EventBus>) -> 
         }
         if let Some(v) = line.strip_prefix("Content-Type: ") {
             content_type = v.trim().to_string();
+        }
+        if let Some(v) = line.strip_prefix("Allow: ") {
+            allow = v.trim().to_string();
         }
     }
     let mut body = String::new();
@@ -146,6 +151,7 @@ fn send(socket: &Path, request: &[u8], stream: bool, bus: Option<&EventBus>) -> 
     Answer {
         status,
         content_type,
+        allow,
         body,
     }
 }
@@ -382,6 +388,20 @@ proptest! {
         } else {
             let expect = if known_path { 405 } else { 404 };
             prop_assert_eq!(a.status, expect, "{} {}: {}", method, path, a.body);
+            if known_path {
+                // A 405 names exactly the documented methods of the path.
+                let mut documented: Vec<String> = doc["paths"][path]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|m| m.to_uppercase())
+                    .collect();
+                let mut allowed: Vec<String> =
+                    a.allow.split(", ").map(str::to_string).collect();
+                documented.sort();
+                allowed.sort();
+                prop_assert_eq!(allowed, documented, "Allow of {}", path);
+            }
             let value: Value = serde_json::from_str(a.body.trim()).unwrap();
             prop_assert!(check(&doc, &doc["components"]["schemas"]["Error"], &value, "error").is_ok());
         }
