@@ -36,18 +36,6 @@ pub enum ResizeState {
     Stalled,
 }
 
-impl ResizeState {
-    /// The name the API uses.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResizeState::Idle => "idle",
-            ResizeState::Plugging => "plugging",
-            ResizeState::Unplugging => "unplugging",
-            ResizeState::Stalled => "stalled",
-        }
-    }
-}
-
 /// Why a resize is stalled, with what the operator can do about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StallReason {
