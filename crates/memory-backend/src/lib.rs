@@ -28,6 +28,7 @@ mod region;
 mod sys;
 
 pub mod accounting;
+pub mod anonymous;
 pub mod hugetlb;
 pub mod probe;
 

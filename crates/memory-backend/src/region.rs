@@ -385,6 +385,68 @@ impl MemoryRegion {
         self.unplug_locked(offset, len, ptr, l, method)
     }
 
+    /// Gives back the host memory behind `[offset, offset+len)` of a range that stays
+    /// plugged, because the guest reported it free (free page reporting): the range keeps
+    /// its access and reads as zeros (private anonymous) or as a hole (memfd, shmem,
+    /// hugetlb, file) afterwards, and faults fresh memory in on the next touch.
+    ///
+    /// The range needs only page alignment (the backing's page: whole huge pages for
+    /// hugetlb), not block alignment. The caller makes sure it is plugged and that the
+    /// guest no longer needs its contents.
+    ///
+    /// # Errors
+    ///
+    /// [`MemoryBackendError::EmptyRange`], [`MemoryBackendError::RangeOverflow`],
+    /// [`MemoryBackendError::UnalignedRange`] (naming the page size),
+    /// [`MemoryBackendError::RangeOutsideRegion`], or `OsRange` when the system call fails
+    /// (nothing is discarded then).
+    pub fn discard_free(&self, offset: u64, len: u64) -> Result<(), MemoryBackendError> {
+        let page = self.page_size();
+        if len == 0 {
+            return Err(MemoryBackendError::EmptyRange { offset });
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or(MemoryBackendError::RangeOverflow { offset, len })?;
+        if offset % page != 0 || len % page != 0 {
+            return Err(MemoryBackendError::UnalignedRange {
+                offset,
+                len,
+                block_size: page,
+            });
+        }
+        if end > self.layout.size() {
+            return Err(MemoryBackendError::RangeOutsideRegion {
+                offset,
+                len,
+                size: self.layout.size(),
+            });
+        }
+        let (off, l) = (to_usize(offset), to_usize(len));
+        let ptr = NonNull::new(self.base.as_ptr().wrapping_add(off))
+            .ok_or(MemoryBackendError::RangeOverflow { offset, len })?;
+        let fail = |op| {
+            move |source| MemoryBackendError::OsRange {
+                op,
+                offset,
+                len,
+                source,
+            }
+        };
+        // Serialised with plug and unplug, so a discard never lands between an unplug's
+        // protection change and its own discard, or inside a populate.
+        let _guard = self.lock();
+        match self.store.file() {
+            // SAFETY: the range is inside our private anonymous mapping (checked above)
+            // and the region holds no references into it; the caller vouches that the
+            // guest reported it free, so zeroing it loses nothing anyone needs.
+            None => unsafe { sys::advise(ptr, l, libc::MADV_DONTNEED) }
+                .map_err(fail("madvise(MADV_DONTNEED)")),
+            Some(file) => sys::fallocate(file.as_fd(), punch_hole_mode(), offset, len)
+                .map_err(fail("fallocate(PUNCH_HOLE|KEEP_SIZE)")),
+        }
+    }
+
     /// Unplugs the whole region (VM reset).
     ///
     /// # Errors
@@ -580,6 +642,54 @@ mod tests {
         assert_eq!(r.size(), 64 * MIB);
         assert!(r.is_inaccessible(0, r.size()).unwrap());
         assert_eq!(r.usage().unwrap().committed(), 0);
+    }
+
+    #[test]
+    fn discard_free_gives_back_pages_of_a_plugged_range_and_keeps_it_plugged() {
+        for backing in [Backing::PrivateAnonymous, Backing::SharedMemfd] {
+            let r = MemoryRegion::new(
+                RegionConfig::sized(8 * MIB, 2 * MIB)
+                    .unwrap()
+                    .with_backing(backing.clone()),
+            )
+            .unwrap();
+            r.plug(0, 4 * MIB).unwrap();
+            // SAFETY: the first 4 MiB were just plugged read-write; the region outlives this.
+            unsafe { r.host_addr().write_bytes(7, to_usize(4 * MIB)) };
+            let before = r.usage().unwrap().committed();
+            assert!(before >= 4 * MIB, "{backing:?}: {before}");
+            // Page-aligned, not block-aligned: 1 MiB inside the first block.
+            r.discard_free(MIB, MIB).unwrap();
+            let after = r.usage().unwrap().committed();
+            assert_eq!(before - after, MIB, "{backing:?}");
+            assert!(
+                !r.is_inaccessible(0, 4 * MIB).unwrap(),
+                "{backing:?}: still plugged"
+            );
+            // SAFETY: inside the plugged range, which stays read-write.
+            let (zeroed, kept) = unsafe {
+                (
+                    r.host_addr().add(to_usize(MIB)).read_volatile(),
+                    r.host_addr().add(to_usize(2 * MIB)).read_volatile(),
+                )
+            };
+            assert_eq!((zeroed, kept), (0, 7), "{backing:?}");
+            // The read faulted a page of shmem back in: count from here.
+            let after = r.usage().unwrap().committed();
+            for (off, len) in [
+                (100, 4096),
+                (0, 100),
+                (0, 0),
+                (8 * MIB, 4096),
+                (u64::MAX, 4096),
+            ] {
+                assert!(
+                    r.discard_free(off, len).is_err(),
+                    "{backing:?} {off:#x}+{len:#x}"
+                );
+            }
+            assert_eq!(r.usage().unwrap().committed(), after, "{backing:?}");
+        }
     }
 
     #[test]

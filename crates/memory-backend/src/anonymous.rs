@@ -1,0 +1,87 @@
+//! Host memory the VMM maps itself as private anonymous memory (boot RAM, through
+//! vm-memory), rather than through a [`MemoryRegion`](crate::MemoryRegion): giving back
+//! what the guest reported free.
+
+use std::ptr::NonNull;
+
+use crate::error::MemoryBackendError;
+use crate::sys;
+
+/// Page size free ranges of private anonymous memory must be aligned to.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Discards `len` bytes at `addr` of a private anonymous mapping (`MADV_DONTNEED`): the
+/// host frees the pages and the range reads as zeros until the guest touches it again.
+///
+/// # Errors
+///
+/// [`MemoryBackendError::Os`] when `madvise` refuses (the range is left as it was), or
+/// [`MemoryBackendError::UnalignedRange`] when `addr` or `len` is not page-aligned.
+///
+/// # Safety
+///
+/// `[addr, addr + len)` lies inside one private anonymous mapping the caller owns for at
+/// least the duration of the call, no Rust reference points into it (only volatile
+/// accesses, as vm-memory's are), and nobody needs its contents any more.
+pub unsafe fn discard(addr: NonNull<u8>, len: usize) -> Result<(), MemoryBackendError> {
+    let a = addr.as_ptr() as u64;
+    let l = u64::try_from(len).unwrap_or(u64::MAX);
+    if a % PAGE_SIZE != 0 || l % PAGE_SIZE != 0 || l == 0 {
+        return Err(MemoryBackendError::UnalignedRange {
+            offset: a,
+            len: l,
+            block_size: PAGE_SIZE,
+        });
+    }
+    // SAFETY: the caller guarantees the range is its own unreferenced private anonymous
+    // memory whose contents are no longer needed (see # Safety).
+    unsafe { sys::advise(addr, len, libc::MADV_DONTNEED) }.map_err(|source| {
+        MemoryBackendError::Os {
+            op: "madvise(MADV_DONTNEED) of guest RAM",
+            source,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discarded_memory_reads_zero_and_is_freed() {
+        let len = 64 * PAGE_SIZE as usize;
+        // SAFETY: a fresh private anonymous mapping nothing else knows about.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = NonNull::new(p.cast::<u8>()).unwrap();
+        // SAFETY: inside the mapping above.
+        unsafe { base.as_ptr().write_bytes(0xa5, len) };
+        let before = crate::accounting::range_usage(p as u64, len as u64).unwrap();
+        assert!(before.rss >= len as u64, "{before:?}");
+        // SAFETY: our own mapping, unreferenced, contents unneeded.
+        unsafe { discard(base, len) }.unwrap();
+        let after = crate::accounting::range_usage(p as u64, len as u64).unwrap();
+        assert_eq!(after.rss, 0, "{after:?}");
+        // SAFETY: inside the mapping, which is still readable.
+        assert_eq!(unsafe { base.as_ptr().add(len / 2).read_volatile() }, 0);
+        // Unaligned ranges are refused and leave the memory alone.
+        // SAFETY: inside the mapping; refused before any system call.
+        unsafe { base.as_ptr().write_bytes(1, 8) };
+        // SAFETY: as above.
+        let e = unsafe { discard(NonNull::new(base.as_ptr().add(1)).unwrap(), 4096) };
+        assert!(matches!(e, Err(MemoryBackendError::UnalignedRange { .. })));
+        // SAFETY: inside the mapping.
+        assert_eq!(unsafe { base.as_ptr().read_volatile() }, 1);
+        // SAFETY: unmapping what we mapped; nothing refers to it.
+        assert_eq!(unsafe { libc::munmap(p, len) }, 0);
+    }
+}
