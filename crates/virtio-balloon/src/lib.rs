@@ -11,7 +11,9 @@
 //!   ranges (device-writable in Linux, `virtqueue_add_inbuf`; either direction is taken)
 //!   and waits for each to be returned. [`Balloon::process_reporting`] gives every range
 //!   to a [`FreePageSink`] (the VMM discards the host memory behind it) and returns the
-//!   chain.
+//!   chain; [`Balloon::take_reports`], [`Balloon::discard_reports`] and
+//!   [`Balloon::finish_reports`] do the same in steps, so that the VMM can discard without
+//!   holding its view of guest memory.
 //!
 //! The crate knows nothing of KVM or mmap. A guest's buffers are checked, not trusted: a
 //! malformed statistics buffer is counted and ignored, at most [`MAX_STATS`] entries are
@@ -159,6 +161,16 @@ pub struct Refused {
     pub len: u64,
     /// Why.
     pub why: String,
+}
+
+/// One free page report taken from the queue: the chain to give back and its ranges
+/// (guest-physical start, length), page-aligned and inside guest memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// Head of the chain.
+    pub head: u16,
+    /// The ranges to discard.
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// What the device counted.
@@ -356,46 +368,87 @@ impl Balloon {
     }
 
     /// Discards every range of every available reporting chain through `sink` and
-    /// returns the chains. Returns whether the used ring changed.
+    /// returns the chains: [`Balloon::take_reports`], [`Balloon::discard_reports`] and
+    /// [`Balloon::finish_reports`] in one go. Returns whether the used ring changed.
     pub fn process_reporting<M: GuestMemory>(
         &mut self,
         mem: &M,
         queue: &mut Queue,
         sink: &mut dyn FreePageSink,
     ) -> bool {
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let reports = self.take_reports(mem, queue);
+        self.discard_reports(&reports, sink);
+        self.finish_reports(mem, queue, &reports)
+    }
+
+    /// Takes the available reporting chains (at most one ring's worth) with their ranges.
+    /// Ranges that are not page-aligned guest memory are refused and counted here, so a
+    /// [`Report`] holds only ranges worth giving to a sink. The chains stay the device's
+    /// until [`Balloon::finish_reports`]: the guest reuses the pages once they come back,
+    /// so they must be discarded first.
+    ///
+    /// The split lets a VMM drop its view of guest memory while it discards (discarding
+    /// may wait for locks that code waiting on such views holds).
+    pub fn take_reports<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue) -> Vec<Report> {
+        let mut reports = Vec::new();
+        for _ in 0..queue.size() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
+            let mut ranges = Vec::new();
             for desc in chain.take(MAX_REPORT_DESCRIPTORS) {
                 let (gpa, len) = (desc.addr().0, u64::from(desc.len()));
                 let aligned = gpa % PAGE_SIZE == 0 && len % PAGE_SIZE == 0 && len > 0;
                 let in_memory = usize::try_from(len)
                     .is_ok_and(|l| mem.check_range(GuestAddress(gpa), l, Permissions::Read));
-                let result = if aligned && in_memory {
-                    sink.discard(gpa, len)
+                if aligned && in_memory {
+                    ranges.push((gpa, len));
                 } else {
-                    Err(Refused {
+                    self.refused(&Refused {
                         gpa,
                         len,
                         why: "not page-aligned guest memory".into(),
-                    })
-                };
-                match result {
-                    Ok(()) => self.counters.reported_bytes += len,
-                    Err(e) => {
-                        self.counters.reports_refused += 1;
-                        if self.counters.reports_refused.is_power_of_two() {
-                            warn!(
-                                "virtio-balloon: {e} ({} so far)",
-                                self.counters.reports_refused
-                            );
-                        }
-                    }
+                    });
                 }
             }
-            used |= queue.add_used(mem, head, 0).is_ok();
+            reports.push(Report { head, ranges });
+        }
+        reports
+    }
+
+    /// Gives every range of `reports` to `sink`, counting what it discarded and refused.
+    pub fn discard_reports(&mut self, reports: &[Report], sink: &mut dyn FreePageSink) {
+        for &(gpa, len) in reports.iter().flat_map(|r| r.ranges.iter()) {
+            match sink.discard(gpa, len) {
+                Ok(()) => self.counters.reported_bytes += len,
+                Err(e) => self.refused(&e),
+            }
+        }
+    }
+
+    /// Returns the chains of `reports` to the driver. Returns whether the used ring changed.
+    pub fn finish_reports<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        reports: &[Report],
+    ) -> bool {
+        let mut used = false;
+        for r in reports {
+            used |= queue.add_used(mem, r.head, 0).is_ok();
         }
         used
+    }
+
+    fn refused(&mut self, e: &Refused) {
+        self.counters.reports_refused += 1;
+        if self.counters.reports_refused.is_power_of_two() {
+            warn!(
+                "virtio-balloon: {e} ({} so far)",
+                self.counters.reports_refused
+            );
+        }
     }
 
     /// Returns inflate or deflate buffers unread (this device never asks to inflate; a
@@ -570,6 +623,35 @@ mod tests {
         let c = b.counters();
         assert_eq!((c.reported_bytes, c.reports_refused), (2 * MIB, 3));
         assert_eq!(used(&mock), 1, "the chain is returned either way");
+    }
+
+    #[test]
+    fn a_report_goes_back_to_the_driver_only_after_its_discard() {
+        let m = mem();
+        let mock = MockSplitQueue::new(&m, 16);
+        mock.add_desc_chains(&[desc(4 * MIB, 2 << 20, F_WRITE, 0)], 0)
+            .unwrap();
+        let mut q: Queue = mock.create_queue().unwrap();
+        let mut sink = Sink {
+            allowed: vec![(0, 32 * MIB)],
+            ..Sink::default()
+        };
+        let mut b = Balloon::new();
+        let reports = b.take_reports(&m, &mut q);
+        assert_eq!(
+            reports,
+            vec![Report {
+                head: 0,
+                ranges: vec![(4 * MIB, 2 * MIB)]
+            }]
+        );
+        assert_eq!(used(&mock), 0, "taken, not returned");
+        b.discard_reports(&reports, &mut sink);
+        assert_eq!(used(&mock), 0, "discarded, not returned");
+        assert_eq!(sink.discarded, vec![(4 * MIB, 2 * MIB)]);
+        assert!(b.finish_reports(&m, &mut q, &reports));
+        assert_eq!(used(&mock), 1);
+        assert_eq!(b.counters().reported_bytes, 2 * MIB);
     }
 
     #[test]
