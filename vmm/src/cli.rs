@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::hotplug::{guest_cmdline, BackingArg, GuestOnline, HotplugConfig, Populate};
 use crate::vm::VmConfig;
+use vmm_api::{AutosizePolicy, AutosizeRequest};
 
 /// A KVM VMM that boots Linux with virtio-mmio devices announced through ACPI.
 #[derive(Debug, Parser)]
@@ -27,6 +28,46 @@ pub enum Command {
     Resize(ResizeArgs),
     /// Print a running VMM's memory figures, one key=value per line.
     Status(StatusArgs),
+    /// Turn a running VMM's automatic sizing on (`min=512M,max=8G[,target=75]
+    /// [,headroom=256M]`) or `off`. Prints the status right after.
+    Autosize(AutosizeArgs),
+}
+
+/// `vmm autosize` options.
+#[derive(Debug, Args)]
+pub struct AutosizeArgs {
+    /// The VMM's API socket.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// `off`, or the policy: min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE].
+    #[arg(value_parser = parse_autosize_request)]
+    pub policy: AutosizeRequest,
+    /// Seconds to wait for the connection and the VMM's answer.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+/// Parses `off` or a policy for `vmm autosize`.
+///
+/// # Errors
+///
+/// A message naming what is wrong.
+pub fn parse_autosize_request(s: &str) -> Result<AutosizeRequest, String> {
+    if s.trim() == "off" {
+        return Ok(AutosizeRequest::Off);
+    }
+    parse_autosize(s).map(AutosizeRequest::On)
+}
+
+/// Parses a policy `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE]`.
+///
+/// # Errors
+///
+/// A message naming what is wrong.
+pub fn parse_autosize(s: &str) -> Result<AutosizePolicy, String> {
+    let p = AutosizePolicy::parse_spec(s).map_err(|e| e.to_string())?;
+    p.check().map_err(|e| e.to_string())?;
+    Ok(p)
 }
 
 /// `vmm resize` options.
@@ -121,6 +162,21 @@ pub struct RunArgs {
     /// guest later). `--populate` alone means on.
     #[arg(long, value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
     pub populate: Populate,
+    /// Add a virtio-balloon device that is never inflated: the guest's memory statistics
+    /// (for --autosize and the API) and free page reporting, so host memory follows what
+    /// the guest really uses between resizes too. The guest needs its virtio_balloon
+    /// driver.
+    #[arg(long)]
+    pub balloon: bool,
+    /// Milliseconds between two statistics requests to the balloon.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub balloon_stats_ms: u64,
+    /// Size the guest's hotplugged memory automatically from its own statistics:
+    /// min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE], e.g. min=512M,max=8G,target=75.
+    /// Implies --balloon; needs --hotplug-size. Turn it off at run time with `vmm autosize
+    /// --api-socket S off`.
+    #[arg(long, value_parser = parse_autosize)]
+    pub autosize: Option<AutosizePolicy>,
     /// Serve the memory API (HTTP/JSON) on this Unix socket.
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
@@ -143,38 +199,7 @@ pub const MIN_MEMORY: u64 = 64 << 20;
 /// Largest boot RAM accepted (1 TiB).
 pub const MAX_MEMORY: u64 = 1 << 40;
 
-/// Parses a size like `512M`, `4G`, `1024K`, `2GiB` or a plain byte count.
-///
-/// # Errors
-///
-/// A message saying what is wrong with the text.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(format!(
-            "invalid size '{s}': expected a number with an optional K, M, G or T suffix, like 512M or 4G"
-        ));
-    }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}': number too large"))?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => {
-            return Err(format!(
-                "invalid size '{s}': unknown suffix '{suffix}' (use K, M, G or T)"
-            ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("invalid size '{s}': too large"))
-}
+pub use vmm_api::parse_size;
 
 /// The default virtio-mem block size: the host's THP size, so unplug never splits a huge
 /// page (2 MiB when it cannot be read).
@@ -208,6 +233,9 @@ pub enum CliError {
     /// A requested size without a region to plug it from.
     #[error("--requested-size needs --hotplug-size")]
     NoHotplugRegion,
+    /// Automatic sizing without a region to size.
+    #[error("--autosize needs --hotplug-size (the region it plugs memory from)")]
+    AutosizeWithoutHotplug,
     /// `--kvm-pv-off` names a feature this VMM does not know.
     #[error(
         "--kvm-pv-off: unknown KVM paravirtual feature '{0}' (async-pf, steal-time, pv-eoi, \
@@ -265,6 +293,11 @@ impl RunArgs {
         if hotplug.is_none() && self.requested_size > 0 {
             return Err(CliError::NoHotplugRegion);
         }
+        if hotplug.is_none() && self.autosize.is_some() {
+            return Err(CliError::AutosizeWithoutHotplug);
+        }
+        let balloon = (self.balloon || self.autosize.is_some())
+            .then(|| std::time::Duration::from_millis(self.balloon_stats_ms));
         let cmdline = match hotplug {
             Some(_) => guest_cmdline(&self.cmdline, self.guest_online),
             None => self.cmdline.clone(),
@@ -283,6 +316,11 @@ impl RunArgs {
             hotplug,
             api_socket: self.api_socket.clone(),
             kvm_pv_off,
+            balloon,
+            autosize: self.autosize.clone(),
+            autosize_cap: self
+                .guest_online
+                .movable_cap(self.memory, self.hotplug_size),
         })
     }
 }

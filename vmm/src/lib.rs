@@ -25,10 +25,16 @@
 //!    mprotect), adds or removes the KVM memory slot through its `Memslots`, and publishes
 //!    the devices' guest memory map ([`memory::GuestMemoryHandle`]). Its options are
 //!    [`hotplug::HotplugConfig`].
+//!
+//! With `--balloon` (or `--autosize`), [`devices::balloon`] adds a never-inflated
+//! virtio-balloon: the guest's statistics, and free page reporting whose ranges are
+//! discarded in boot RAM and plugged blocks. With `--autosize`, [`capacity::Capacity`]
+//! sets the requested size from those statistics (step 1 without an operator).
 
 pub mod acpi;
 pub mod boot;
 pub mod bus;
+pub mod capacity;
 pub mod cli;
 pub mod cpu;
 pub mod devices;

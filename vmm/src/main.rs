@@ -28,6 +28,11 @@ fn main() {
             &a.api_socket,
             Duration::from_secs(a.timeout),
         )),
+        Command::Autosize(a) => report(vmm_api::client::autosize_within(
+            &a.api_socket,
+            &a.policy,
+            Duration::from_secs(a.timeout),
+        )),
     };
     std::process::exit(code);
 }

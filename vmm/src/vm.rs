@@ -20,6 +20,9 @@ use crate::acpi::{self, AcpiError, VirtioMmioWindow};
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusDevice, BusError};
 use crate::cpu::{self, CpuError};
+use crate::devices::balloon::{
+    BalloonHandler, GuestFreePages, PluggedBlocks, SharedBalloon, VirtioBalloon,
+};
 use crate::devices::legacy::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, I8042, I8042_BASE, I8042_PORTS};
 use crate::devices::rng::{RngHandler, VirtioRng};
 use crate::devices::serial::{SerialDevice, SerialOut, StdinInput, COM1_BASE, COM_PORTS};
@@ -57,6 +60,13 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// KVM paravirtual features hidden from the guest (a [`cpu::kvm_pv_mask`]).
     pub kvm_pv_off: u32,
+    /// Add the balloon (statistics and free page reporting), asking for statistics at
+    /// this interval.
+    pub balloon: Option<std::time::Duration>,
+    /// Automatic sizing from the start.
+    pub autosize: Option<vmm_api::AutosizePolicy>,
+    /// The most automatic sizing plugs: what the guest's onlining policy can take.
+    pub autosize_cap: u64,
 }
 
 /// How a run ended, and what the VMM needs to restart the guest the same way.
@@ -151,6 +161,9 @@ pub enum VmError {
     /// The API socket could not be served.
     #[error("API socket: {0}")]
     Api(#[from] vmm_api::ApiServerError),
+    /// The automatic sizing policy does not fit the device.
+    #[error("--autosize: {0}")]
+    Autosize(#[source] crate::capacity::CapacityError),
     /// `--api-socket` was given without a virtio-mem device to control.
     #[error("--api-socket needs a virtio-mem device: give --hotplug-size")]
     ApiWithoutHotplug,
@@ -522,6 +535,27 @@ impl Vm {
         Ok(())
     }
 
+    /// Adds the never-inflated balloon, asking for the guest's statistics every
+    /// `interval`; its free page reports are discarded in boot RAM and in `plugged`
+    /// blocks.
+    ///
+    /// # Errors
+    ///
+    /// As [`Self::add_virtio_device`], or the statistics timer cannot be set up.
+    pub fn add_balloon(
+        &mut self,
+        interval: std::time::Duration,
+        plugged: Option<PluggedBlocks>,
+    ) -> Result<SharedBalloon, VmError> {
+        let sink = GuestFreePages::new(&self.mem, plugged);
+        let balloon: SharedBalloon = Arc::new(Mutex::new(VirtioBalloon::new(sink)));
+        let (_, notify) = self.add_virtio_device(balloon.clone())?;
+        let handler = BalloonHandler::new(balloon.clone(), notify, interval)
+            .map_err(io_err("balloon statistics timer"))?;
+        self.add_subscriber(Arc::new(Mutex::new(handler)));
+        Ok(balloon)
+    }
+
     /// Loads the kernel, initrd and command line, writes the ACPI tables and the zero page,
     /// and configures the vCPUs for the 64-bit entry. Add devices before calling this: the
     /// ACPI tables list the virtio-mmio windows present now.
@@ -665,6 +699,13 @@ pub fn run_outcome(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
         .as_ref()
         .map(|hp| vm.add_virtio_mem(hp).map(Arc::new))
         .transpose()?;
+    if let Some(interval) = cfg.balloon {
+        let balloon = vm.add_balloon(interval, memory.as_ref().map(|m| m.plugged_blocks()))?;
+        if let Some(m) = &memory {
+            m.attach_balloon(balloon, cfg.autosize_cap, cfg.autosize.clone())
+                .map_err(VmError::Autosize)?;
+        }
+    }
     let _api = match (&cfg.api_socket, &memory) {
         (Some(path), Some(memory)) => Some(ApiServer::start(
             path,

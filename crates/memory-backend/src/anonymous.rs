@@ -49,7 +49,7 @@ mod tests {
 
     #[test]
     fn discarded_memory_reads_zero_and_is_freed() {
-        let len = 64 * PAGE_SIZE as usize;
+        let len = 64 * 4096usize;
         // SAFETY: a fresh private anonymous mapping nothing else knows about.
         let p = unsafe {
             libc::mmap(
@@ -65,11 +65,12 @@ mod tests {
         let base = NonNull::new(p.cast::<u8>()).unwrap();
         // SAFETY: inside the mapping above.
         unsafe { base.as_ptr().write_bytes(0xa5, len) };
-        let before = crate::accounting::range_usage(p as u64, len as u64).unwrap();
-        assert!(before.rss >= len as u64, "{before:?}");
+        let len64 = u64::try_from(len).unwrap();
+        let before = crate::accounting::range_usage(p as u64, len64).unwrap();
+        assert!(before.rss >= len64, "{before:?}");
         // SAFETY: our own mapping, unreferenced, contents unneeded.
         unsafe { discard(base, len) }.unwrap();
-        let after = crate::accounting::range_usage(p as u64, len as u64).unwrap();
+        let after = crate::accounting::range_usage(p as u64, len64).unwrap();
         assert_eq!(after.rss, 0, "{after:?}");
         // SAFETY: inside the mapping, which is still readable.
         assert_eq!(unsafe { base.as_ptr().add(len / 2).read_volatile() }, 0);

@@ -1,11 +1,11 @@
-//! A small client for the API, used by `vmm status` and `vmm resize`.
+//! A small client for the API, used by `vmm status`, `vmm resize` and `vmm autosize`.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::{MemoryStatus, ResizeRequest};
+use crate::{AutosizeRequest, MemoryStatus, ResizeRequest};
 
 /// Errors talking to the API.
 #[derive(Debug, thiserror::Error)]
@@ -77,18 +77,28 @@ fn exchange(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<MemoryStatus, ClientError> {
+    exchange_at(socket, method, "/v1/memory", body, timeout)
+}
+
+fn exchange_at(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<MemoryStatus, ClientError> {
     let deadline = Instant::now() + timeout;
     let timed_out = || ClientError::Timeout {
         path: socket.to_path_buf(),
         timeout,
-        waiting_for: format!("the answer to {method} /v1/memory"),
+        waiting_for: format!("the answer to {method} {path}"),
     };
     let mut s = connect(socket, timeout)?;
     s.set_write_timeout(Some(timeout))?;
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} /v1/memory HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     // The bound is for the whole answer: a VMM that trickles bytes must not extend it.
@@ -180,6 +190,27 @@ pub fn resize_within(
     exchange(socket, "PUT", Some(&body), timeout)
 }
 
+/// `PUT /v1/memory/autosize`: turns automatic sizing on or off; connection and whole
+/// answer within `timeout`.
+///
+/// # Errors
+///
+/// As [`resize`]; [`ClientError::Refused`] with 400 for a policy that does not fit the
+/// device, 409 for a VMM without automatic sizing.
+pub fn autosize_within(
+    socket: &Path,
+    req: &AutosizeRequest,
+    timeout: Duration,
+) -> Result<MemoryStatus, ClientError> {
+    exchange_at(
+        socket,
+        "PUT",
+        "/v1/memory/autosize",
+        Some(&req.to_json()),
+        timeout,
+    )
+}
+
 fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "none".into(), |v| v.to_string())
 }
@@ -205,6 +236,29 @@ impl MemoryStatus {
             opt(self.progress.eta_s),
             opt(self.stalled_for_s),
             self.reason.as_deref().unwrap_or("none")
+        ) + &self.autosize_lines()
+    }
+
+    fn autosize_lines(&self) -> String {
+        let Some(a) = &self.autosize else {
+            return "autosize=off\n".into();
+        };
+        let s = a.stats.clone().unwrap_or_default();
+        let last = a.decisions.last().map_or_else(
+            || "none".to_string(),
+            |d| format!("{}->{} ({})", d.from, d.to, d.reason),
+        );
+        format!(
+            "autosize=on\nautosize_min={}\nautosize_max={}\nautosize_target_percent={}\nautosize_state={}\nautosize_reason={}\nguest_total={}\nguest_available={}\nguest_stats_age_ms={}\nautosize_last_decision={}\n",
+            a.policy.min,
+            a.policy.max,
+            a.policy.target_percent,
+            a.state,
+            a.reason,
+            opt(s.total),
+            opt(s.available),
+            a.stats.as_ref().map_or_else(|| "none".into(), |s| s.age_ms.to_string()),
+            last
         )
     }
 }

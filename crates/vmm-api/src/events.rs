@@ -59,6 +59,15 @@ pub enum EventKind {
         /// The failure, or `null` once host memory works again.
         error: Option<String>,
     },
+    /// Automatic sizing set a new requested size.
+    Autosize {
+        /// Requested size before.
+        from: u64,
+        /// Requested size now.
+        to: u64,
+        /// Why.
+        reason: String,
+    },
     /// The guest's driver acknowledged the device.
     DriverReady,
     /// The guest reset the device or the system (everything plugged was unplugged).

@@ -7,14 +7,17 @@
 //! | `PUT /v1/memory` `{"requested_size": N}` | 202 and the new status: the resize started |
 //! | `GET /metrics` | 200, Prometheus text format: sizes, host memory, the device's counters |
 //! | `GET /v1/events` | 200 and a stream of newline-delimited JSON [`Event`]s until the client closes |
+//! | `PUT /v1/memory/autosize` `{"min": N, "max": N[, "target_percent": P][, "headroom": N]}` or `{"enabled": false}` | 200 and the status: automatic sizing on (or off) |
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status: 400 malformed request or JSON,
 //! 404 unknown path, 405 wrong method, 411 no length, 413 body too large, 422 a size the
-//! device cannot take (unaligned, beyond the region), 503 the VMM cannot act now. A bad
+//! device cannot take (unaligned, beyond the region), 409 a resize while automatic sizing
+//! is on or automatic sizing on a VMM without it, 503 the VMM cannot act now. A bad
 //! request changes nothing. One request per connection (`Connection: close`).
 //!
 //! The server knows nothing of the VMM: it calls a [`MemoryControl`] implementation.
 
+pub mod autosize;
 pub mod events;
 mod http;
 pub mod metrics;
@@ -22,6 +25,10 @@ mod server;
 
 pub mod client;
 
+pub use autosize::{
+    parse_size, AutosizeDecision, AutosizeError, AutosizePolicy, AutosizeRequest, AutosizeStatus,
+    GuestStatsView,
+};
 pub use events::{Event, EventBus, EventKind, Subscription};
 pub use metrics::MetricsText;
 pub use server::{answer, ApiServer, ApiServerError, Reply};
@@ -68,6 +75,9 @@ pub struct MemoryStatus {
     /// What stops the resize and what to do about it, when `stalled`.
     #[serde(default)]
     pub reason: Option<String>,
+    /// Automatic sizing, when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autosize: Option<AutosizeStatus>,
 }
 
 /// What a resize is doing, as the API names it.
@@ -139,6 +149,12 @@ pub enum ResizeError {
     /// The VMM cannot act on the request now (e.g. the device is not set up).
     #[error("the VMM cannot resize now: {0}")]
     Unavailable(String),
+    /// Automatic sizing sets the size.
+    #[error(
+        "automatic sizing is on: turn it off first (PUT /v1/memory/autosize \
+         {{\"enabled\": false}}, or vmm autosize --api-socket S off)"
+    )]
+    AutosizeOn,
 }
 
 /// What the API server asks of the VMM.
@@ -159,6 +175,19 @@ pub trait MemoryControl: Send + Sync {
         let mut m = MetricsText::new();
         m.status(&self.status());
         m.finish()
+    }
+
+    /// Turns automatic sizing on or off (`PUT /v1/memory/autosize`); the request has been
+    /// parsed and [`AutosizePolicy::check`]ed. Returns the status right after.
+    ///
+    /// # Errors
+    ///
+    /// [`AutosizeError::Invalid`] when the policy does not fit the device,
+    /// [`AutosizeError::Unsupported`] (the default) when the VMM cannot size itself.
+    fn set_autosize(&self, _req: AutosizeRequest) -> Result<MemoryStatus, AutosizeError> {
+        Err(AutosizeError::Unsupported(
+            "this VMM has no automatic sizing: start it with --autosize (or --balloon)".into(),
+        ))
     }
 
     /// The events `GET /v1/events` streams; `None` (the default) answers 404 there.

@@ -20,7 +20,7 @@ use std::time::Duration;
 use log::{debug, info, warn};
 
 use crate::http::{read_request, write_response, ReadError, Request, JSON};
-use crate::{EventBus, MemoryControl, ResizeError, ResizeRequest};
+use crate::{AutosizeError, AutosizeRequest, EventBus, MemoryControl, ResizeError, ResizeRequest};
 
 /// Connections served at once; more get 503 at once.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -416,6 +416,22 @@ fn route(req: &Request, control: &dyn MemoryControl) -> Reply {
             }
         };
     }
+    if path == "/v1/memory/autosize" {
+        if req.method != "PUT" {
+            return Reply {
+                allow: "PUT",
+                ..Reply::json(
+                    405,
+                    error_json(&format!(
+                        "method {} not allowed on /v1/memory/autosize: use PUT",
+                        req.method
+                    )),
+                )
+            };
+        }
+        let (status, body) = route_autosize(req, control);
+        return Reply::json(status, body);
+    }
     let (status, body) = route_memory(path, req, control);
     Reply {
         allow: "GET, PUT",
@@ -423,11 +439,35 @@ fn route(req: &Request, control: &dyn MemoryControl) -> Reply {
     }
 }
 
+fn route_autosize(req: &Request, control: &dyn MemoryControl) -> (u16, String) {
+    let result = AutosizeRequest::from_json(&req.body).and_then(|r| {
+        let what = match &r {
+            AutosizeRequest::Off => "off".to_string(),
+            AutosizeRequest::On(p) => {
+                format!("min {} max {} target {}%", p.min, p.max, p.target_percent)
+            }
+        };
+        control
+            .set_autosize(r)
+            .inspect(|_| info!("API: autosize {what}"))
+    });
+    match result {
+        Ok(status) => match serde_json::to_string(&status) {
+            Ok(json) => (200, json),
+            Err(e) => (503, error_json(&e.to_string())),
+        },
+        Err(e @ AutosizeError::Invalid(_)) => (400, error_json(&e.to_string())),
+        Err(e @ AutosizeError::Unsupported(_)) => (409, error_json(&e.to_string())),
+    }
+}
+
 fn route_memory(path: &str, req: &Request, control: &dyn MemoryControl) -> (u16, String) {
     if path != "/v1/memory" {
         return (
             404,
-            error_json(&format!("no such path {path}: use /v1/memory or /metrics")),
+            error_json(&format!(
+                "no such path {path}: use /v1/memory, /v1/memory/autosize, /v1/events or /metrics"
+            )),
         );
     }
     match req.method.as_str() {
@@ -467,6 +507,7 @@ fn route_memory(path: &str, req: &Request, control: &dyn MemoryControl) -> (u16,
                     (422, error_json(&e.to_string()))
                 }
                 Err(e @ ResizeError::Unavailable(_)) => (503, error_json(&e.to_string())),
+                Err(e @ ResizeError::AutosizeOn) => (409, error_json(&e.to_string())),
             }
         }
         other => (

@@ -13,8 +13,8 @@ use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use vmm_api::{
-    client, ApiServer, ApiServerError, Event, EventBus, EventKind, MemoryControl, MemoryStatus,
-    ResizeError,
+    client, ApiServer, ApiServerError, AutosizeError, AutosizePolicy, AutosizeRequest,
+    AutosizeStatus, Event, EventBus, EventKind, MemoryControl, MemoryStatus, ResizeError,
 };
 
 const BS: u64 = 2 << 20;
@@ -31,7 +31,28 @@ impl MemoryControl for Fake {
         self.status.lock().unwrap().clone()
     }
 
+    fn set_autosize(&self, req: AutosizeRequest) -> Result<MemoryStatus, AutosizeError> {
+        let mut s = self.status.lock().unwrap();
+        s.autosize = match req {
+            AutosizeRequest::Off => None,
+            AutosizeRequest::On(p) if p.max > REGION => {
+                return Err(AutosizeError::Invalid("max beyond the region".into()))
+            }
+            AutosizeRequest::On(policy) => Some(AutosizeStatus {
+                policy,
+                state: "watching".into(),
+                reason: String::new(),
+                stats: None,
+                decisions: Vec::new(),
+            }),
+        };
+        Ok(s.clone())
+    }
+
     fn resize(&self, size: u64) -> Result<MemoryStatus, ResizeError> {
+        if self.status.lock().unwrap().autosize.is_some() {
+            return Err(ResizeError::AutosizeOn);
+        }
         if size % BS != 0 {
             return Err(ResizeError::Unaligned {
                 size,
@@ -406,4 +427,85 @@ fn events_refuse_other_methods() {
     let e = env("events-put");
     let (status, _) = raw(&e, b"PUT /v1/events HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(status, 405);
+}
+
+fn put_autosize(e: &Env, body: &str) -> (u16, String) {
+    raw(
+        e,
+        format!(
+            "PUT /v1/memory/autosize HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+#[test]
+fn autosize_turns_on_and_off_and_a_manual_resize_meanwhile_is_409() {
+    let e = env("autosize");
+    let (code, body) = put_autosize(&e, r#"{"min": 0, "max": 1073741824, "target_percent": 60}"#);
+    assert_eq!(code, 200, "{body}");
+    let s: MemoryStatus = serde_json::from_str(&body).unwrap();
+    let a = s.autosize.unwrap();
+    assert_eq!((a.policy.max, a.policy.target_percent), (1 << 30, 60));
+    let (code, body) = put(&e, r#"{"requested_size": 2097152}"#);
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("vmm autosize --api-socket S off"), "{body}");
+    assert_unchanged(&e);
+    let got = client::status_within(&e.path, Duration::from_secs(5)).unwrap();
+    assert!(got.to_lines().contains("autosize_target_percent=60\n"));
+    let off = client::autosize_within(&e.path, &AutosizeRequest::Off, Duration::from_secs(5));
+    assert!(off.unwrap().autosize.is_none());
+    assert_eq!(put(&e, r#"{"requested_size": 2097152}"#).0, 202);
+    let on = AutosizeRequest::On(AutosizePolicy::parse_spec("min=0,max=1G").unwrap());
+    let s = client::autosize_within(&e.path, &on, Duration::from_secs(5)).unwrap();
+    assert!(s.to_lines().contains("autosize=on\n"));
+}
+
+#[test]
+fn bad_autosize_requests_are_400_and_change_nothing() {
+    let e = env("autosize-bad");
+    for body in [
+        "",
+        "[]",
+        r#"{"enabled": true}"#,
+        r#"{"min": 4, "max": 2}"#,
+        r#"{"min": 0, "max": 2, "target_percent": 0}"#,
+        r#"{"min": 0, "max": 2, "extra": 1}"#,
+        r#"{"min": 0, "max": 9999999999999}"#,
+    ] {
+        let (code, out) = put_autosize(&e, body);
+        assert_eq!(code, 400, "{body}: {out}");
+        assert!(out.contains("\"error\""), "{body}: {out}");
+    }
+    assert!(e.fake.status.lock().unwrap().autosize.is_none());
+    let (code, out) = raw(&e, b"GET /v1/memory/autosize HTTP/1.1\r\n\r\n");
+    assert_eq!(code, 405, "{out}");
+}
+
+struct NoAutosize;
+
+impl MemoryControl for NoAutosize {
+    fn status(&self) -> MemoryStatus {
+        MemoryStatus::default()
+    }
+
+    fn resize(&self, _size: u64) -> Result<MemoryStatus, ResizeError> {
+        Err(ResizeError::Unavailable("test".into()))
+    }
+}
+
+#[test]
+fn a_vmm_without_automatic_sizing_answers_409() {
+    let dir = temp_dir("no-autosize");
+    let path = dir.0.join("api.sock");
+    let _server = ApiServer::start(&path, Arc::new(NoAutosize)).unwrap();
+    let on = AutosizeRequest::On(AutosizePolicy::parse_spec("min=0,max=1G").unwrap());
+    match client::autosize_within(&path, &on, Duration::from_secs(5)) {
+        Err(client::ClientError::Refused { status, message }) => {
+            assert_eq!(status, 409);
+            assert!(message.contains("--autosize"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

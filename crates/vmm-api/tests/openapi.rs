@@ -15,12 +15,19 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use serde_json::Value;
-use vmm_api::{ApiServer, EventBus, EventKind, MemoryControl, MemoryStatus, ResizeError};
+use vmm_api::{
+    ApiServer, AutosizeDecision, AutosizeError, AutosizeRequest, AutosizeStatus, EventBus,
+    EventKind, GuestStatsView, MemoryControl, MemoryStatus, ResizeError,
+};
 
 const BS: u64 = 2 << 20;
 const REGION: u64 = 1 << 30;
 /// The fake VMM answers a resize to this size with "cannot act now".
 const UNAVAILABLE: u64 = 6 << 20;
+/// A size the fake refuses because automatic sizing is on.
+const AUTOSIZE_ON: u64 = 8 << 20;
+/// An autosize max the fake answers with "no automatic sizing here".
+const UNSUPPORTED: u64 = 10 << 20;
 
 fn doc() -> Value {
     serde_json::from_str(include_str!("../openapi.json")).unwrap()
@@ -36,7 +43,39 @@ impl MemoryControl for Fake {
         self.status.lock().unwrap().clone()
     }
 
+    fn set_autosize(&self, req: AutosizeRequest) -> Result<MemoryStatus, AutosizeError> {
+        let mut s = self.status.lock().unwrap().clone();
+        match req {
+            AutosizeRequest::Off => {}
+            AutosizeRequest::On(p) if p.max == UNSUPPORTED => {
+                return Err(AutosizeError::Unsupported("no balloon".into()))
+            }
+            AutosizeRequest::On(policy) => {
+                s.autosize = Some(AutosizeStatus {
+                    policy,
+                    state: "stale".into(),
+                    reason: "no statistics yet".into(),
+                    stats: Some(GuestStatsView {
+                        total: Some(1 << 30),
+                        age_ms: 7,
+                        ..GuestStatsView::default()
+                    }),
+                    decisions: vec![AutosizeDecision {
+                        at_ms: 1,
+                        from: 0,
+                        to: BS,
+                        reason: "grow".into(),
+                    }],
+                })
+            }
+        }
+        Ok(s)
+    }
+
     fn resize(&self, size: u64) -> Result<MemoryStatus, ResizeError> {
+        if size == AUTOSIZE_ON {
+            return Err(ResizeError::AutosizeOn);
+        }
         if size == UNAVAILABLE {
             return Err(ResizeError::Unavailable("the device is resetting".into()));
         }
@@ -251,6 +290,14 @@ fn conforms(doc: &Value, method: &str, path: &str, a: &Answer) -> Result<(), Str
     )
 }
 
+fn put_autosize(body: &str) -> Vec<u8> {
+    format!(
+        "PUT /v1/memory/autosize HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 fn put(size: &str) -> Vec<u8> {
     let body = format!("{{\"requested_size\": {size}}}");
     format!(
@@ -288,6 +335,37 @@ fn triggers() -> Vec<(&'static str, &'static str, u16, Vec<u8>)> {
         ),
         ("PUT", "/v1/memory", 422, put("3")),
         ("PUT", "/v1/memory", 503, put(&UNAVAILABLE.to_string())),
+        ("PUT", "/v1/memory", 409, put(&AUTOSIZE_ON.to_string())),
+        (
+            "PUT",
+            "/v1/memory/autosize",
+            200,
+            put_autosize(r#"{"min": 0, "max": 1073741824, "headroom": 4096}"#),
+        ),
+        (
+            "PUT",
+            "/v1/memory/autosize",
+            400,
+            put_autosize(r#"{"min": 2, "max": 1}"#),
+        ),
+        (
+            "PUT",
+            "/v1/memory/autosize",
+            409,
+            put_autosize(&format!(r#"{{"min": 0, "max": {UNSUPPORTED}}}"#)),
+        ),
+        (
+            "PUT",
+            "/v1/memory/autosize",
+            411,
+            b"PUT /v1/memory/autosize HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+        ),
+        (
+            "PUT",
+            "/v1/memory/autosize",
+            413,
+            b"PUT /v1/memory/autosize HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n".to_vec(),
+        ),
         (
             "GET",
             "/v1/events",
@@ -342,6 +420,7 @@ fn method() -> impl Strategy<Value = &'static str> {
 fn path() -> impl Strategy<Value = &'static str> {
     prop::sample::select(vec![
         "/v1/memory",
+        "/v1/memory/autosize",
         "/metrics",
         "/v1/events",
         "/",
@@ -357,6 +436,12 @@ fn body() -> impl Strategy<Value = String> {
         "\\PC{0,40}",
         Just(String::new()),
         Just("{\"requested_size\": 2097152, \"extra\": 1}".to_string()),
+        Just("{\"enabled\": false}".to_string()),
+        (0u64..4, 0u64..4, 0u8..120).prop_map(|(a, b, t)| format!(
+            "{{\"min\": {}, \"max\": {}, \"target_percent\": {t}}}",
+            a * BS,
+            b * BS
+        )),
     ]
 }
 

@@ -1,5 +1,6 @@
 //! Devices of the VM: COM1, the reset/poweroff ports, and virtio devices.
 
+pub mod balloon;
 pub mod legacy;
 pub mod rng;
 pub mod serial;

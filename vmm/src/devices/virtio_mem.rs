@@ -20,12 +20,14 @@ use virtio_mem::HOST_TIME_BUCKETS_S;
 use virtio_mem::{VirtioMem, VirtioMemError};
 use virtio_mmio::{ActivateError, Activation, InterruptKind, VirtioDevice, VirtioInterrupt};
 use vmm_api::{
-    EventBus, EventKind, MemoryControl, MemoryStatus, MetricsText, Progress, ResizeError,
-    ResizeState,
+    AutosizeError, AutosizePolicy, AutosizeRequest, EventBus, EventKind, MemoryControl,
+    MemoryStatus, MetricsText, Progress, ResizeError, ResizeState,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::capacity::{Capacity, CapacityError};
+use crate::devices::balloon::{PluggedBlocks, SharedBalloon};
 use crate::hotplug::HotplugMemory;
 use crate::memory::GuestMemoryHandle;
 
@@ -331,6 +333,8 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemMmio {
 /// the request thread holds during host work, nor measures host memory itself.
 pub struct MemoryApi {
     device: SharedVirtioMem,
+    region: Arc<memory_backend::MemoryRegion>,
+    capacity: Arc<Mutex<Capacity>>,
     resident: ResidentSampler,
     registered_slots: Arc<AtomicU64>,
     events: Arc<EventBus>,
@@ -355,9 +359,27 @@ struct Seen {
 
 /// Looks at the device every [`WATCH_EVERY`] and publishes what changed: driver ready or
 /// reset, host errors, progress (at most once a second), done, stalled.
-fn watch(device: SharedVirtioMem, events: Arc<EventBus>, stop: mpsc::Receiver<()>) {
+fn watch(
+    device: SharedVirtioMem,
+    capacity: Arc<Mutex<Capacity>>,
+    events: Arc<EventBus>,
+    stop: mpsc::Receiver<()>,
+) {
     let mut seen = Seen::default();
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_EVERY) {
+        // Lock order: capacity, then balloon (the sample), then device.
+        let change = {
+            let mut c = lock_capacity(&capacity);
+            if c.is_on() {
+                let sample = c.sample();
+                c.tick(Instant::now(), sample, &mut lock(&device))
+            } else {
+                None
+            }
+        };
+        if let Some((from, to, reason)) = change {
+            events.publish(EventKind::Autosize { from, to, reason });
+        }
         let (bound, host_error, p, plugged, requested) = {
             let dev = lock(&device);
             let s = dev.state();
@@ -496,16 +518,30 @@ impl MemoryApi {
     ) -> Self {
         let events = Arc::new(EventBus::new());
         let (stop, stopped) = mpsc::channel();
-        let (d, e) = (Arc::clone(&device), Arc::clone(&events));
+        let capacity = {
+            let s = lock(&device);
+            let layout = s.state().config().layout;
+            Arc::new(Mutex::new(Capacity::new(
+                layout.block_size(),
+                layout.size(),
+            )))
+        };
+        let (d, c, e) = (
+            Arc::clone(&device),
+            Arc::clone(&capacity),
+            Arc::clone(&events),
+        );
         if let Err(err) = std::thread::Builder::new()
             .name("vmm-events".into())
-            .spawn(move || watch(d, e, stopped))
+            .spawn(move || watch(d, c, e, stopped))
         {
             warn!("virtio-mem: no thread to watch the device, GET /v1/events stays quiet: {err}");
         }
         MemoryApi {
             device,
-            resident: ResidentSampler::start(region),
+            resident: ResidentSampler::start(Arc::clone(&region)),
+            region,
+            capacity,
             registered_slots,
             events,
             _watcher: stop,
@@ -516,6 +552,34 @@ impl MemoryApi {
     pub fn requested_size(&self) -> u64 {
         lock(&self.device).state().requested_size()
     }
+
+    /// The plugged blocks, where the balloon may discard what the guest reports free.
+    pub fn plugged_blocks(&self) -> PluggedBlocks {
+        PluggedBlocks::new(Arc::clone(&self.device), Arc::clone(&self.region))
+    }
+
+    /// Feeds automatic sizing from `balloon`'s statistics, plugging at most `cap` bytes,
+    /// and turns it on with `policy` if given.
+    ///
+    /// # Errors
+    ///
+    /// [`CapacityError`] when the policy does not fit the device (nothing is on then).
+    pub fn attach_balloon(
+        &self,
+        balloon: SharedBalloon,
+        cap: u64,
+        policy: Option<AutosizePolicy>,
+    ) -> Result<(), CapacityError> {
+        let mut c = lock_capacity(&self.capacity);
+        c.attach_balloon(balloon, cap);
+        c.set_policy(policy)
+    }
+}
+
+fn lock_capacity(c: &Mutex<Capacity>) -> MutexGuard<'_, Capacity> {
+    // Every update of the controller's state is a whole assignment: a panic elsewhere
+    // cannot leave it half-done.
+    c.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Whole seconds of `s` (saturating; never panics on odd floats).
@@ -637,7 +701,22 @@ impl MemoryControl for MemoryApi {
         status.reason = p.reason.map(|r| r.message());
         drop(dev);
         (status.host_resident_bytes, status.host_resident_age_ms) = self.resident.get();
+        status.autosize = lock_capacity(&self.capacity).status(Instant::now());
         status
+    }
+
+    fn set_autosize(&self, req: AutosizeRequest) -> Result<MemoryStatus, AutosizeError> {
+        let policy = match req {
+            AutosizeRequest::Off => None,
+            AutosizeRequest::On(p) => Some(p),
+        };
+        lock_capacity(&self.capacity)
+            .set_policy(policy)
+            .map_err(|e| match e {
+                CapacityError::NoBalloon => AutosizeError::Unsupported(e.to_string()),
+                CapacityError::Policy(_) => AutosizeError::Invalid(e.to_string()),
+            })?;
+        Ok(self.status())
     }
 
     fn events(&self) -> Option<&EventBus> {
@@ -645,6 +724,9 @@ impl MemoryControl for MemoryApi {
     }
 
     fn resize(&self, requested_size: u64) -> Result<MemoryStatus, ResizeError> {
+        if lock_capacity(&self.capacity).is_on() {
+            return Err(ResizeError::AutosizeOn);
+        }
         let mut dev = lock(&self.device);
         let plugged_size = dev.state().plugged_size();
         dev.set_requested_size(requested_size)

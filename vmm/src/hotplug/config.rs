@@ -25,6 +25,17 @@ pub enum GuestOnline {
 }
 
 impl GuestOnline {
+    /// The most hotplugged memory automatic sizing plugs for a guest with `boot_ram` and a
+    /// `region`-byte region: with everything onlined into ZONE_MOVABLE, 3x the boot RAM
+    /// (the ratio past which [`HotplugConfig::warnings`] warns); the other policies put
+    /// memory beyond the kernel's ratio in ZONE_NORMAL themselves, so the whole region.
+    pub fn movable_cap(self, boot_ram: u64, region: u64) -> u64 {
+        match self {
+            GuestOnline::Movable => boot_ram.saturating_mul(3).min(region),
+            GuestOnline::AutoMovable | GuestOnline::Kernel | GuestOnline::None => region,
+        }
+    }
+
     /// The command-line parameters this policy adds.
     pub fn cmdline(self) -> &'static str {
         match self {
