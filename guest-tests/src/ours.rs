@@ -56,6 +56,12 @@ impl Ours {
         if !spec.kvm_pv_off.is_empty() {
             a.push(format!("--kvm-pv-off={}", spec.kvm_pv_off.join(",")));
         }
+        if spec.balloon {
+            a.push("--balloon".into());
+        }
+        if let Some(policy) = &spec.autosize {
+            a.push(format!("--autosize={policy}"));
+        }
         a
     }
 }
@@ -240,6 +246,23 @@ impl ApiClient {
         }
         parse_memory(&answer)
     }
+
+    /// `GET /v1/memory` as JSON.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError::Refused`] on a non-2xx answer, [`VmmError::Control`] on bad JSON.
+    pub fn status_json(&self) -> Result<Value, VmmError> {
+        let (status, answer) = self.request("GET", "/v1/memory", None)?;
+        if !(200..300).contains(&status) {
+            return Err(VmmError::Refused {
+                command: "GET /v1/memory".into(),
+                answer: format!("HTTP {status}: {answer}"),
+            });
+        }
+        serde_json::from_str(&answer)
+            .map_err(|e| VmmError::Control(format!("GET /v1/memory: invalid JSON ({e}): {answer}")))
+    }
 }
 
 /// Parses the `GET /v1/memory` body.
@@ -331,6 +354,10 @@ impl VmmProcess for OursProcess {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    fn status_json(&mut self) -> Result<Option<Value>, VmmError> {
+        self.api.status_json().map(Some)
     }
 
     fn exited(&mut self) -> Option<String> {
@@ -470,6 +497,8 @@ mod tests {
             hotplug_size: 1 << 30,
             block_size: 2 << 20,
             cpus: 1,
+            balloon: false,
+            autosize: None,
             kvm_pv_off: Vec::new(),
             work_dir: std::env::temp_dir(),
             log_dir: std::env::temp_dir(),

@@ -104,6 +104,12 @@ impl Qemu {
                 mib(spec.block_size)
             ),
         ]);
+        if spec.balloon {
+            a.extend([
+                "-device".into(),
+                "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
+            ]);
+        }
         a
     }
 }
@@ -381,6 +387,8 @@ mod tests {
             hotplug_size: 4 << 30,
             block_size: 2 << 20,
             cpus: 1,
+            balloon: false,
+            autosize: None,
             kvm_pv_off: vec!["pv-tlb-flush".into(), "unknown".into()],
             work_dir: "/tmp".into(),
             log_dir: "/tmp".into(),

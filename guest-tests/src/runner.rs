@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::agent::{bad_lines, Report};
 use crate::console::ConsoleError;
 use crate::guest::{Guest, ScenarioError, QUICK};
-use crate::scenarios::{Boot, Kernel, Metrics, Scenario, BOOT_MEM, HOTPLUG_SIZE};
+use crate::scenarios::{Boot, Kernel, Metrics, Scenario, HOTPLUG_SIZE};
 use crate::soak::FailureClass;
 use crate::vmm::{VmSpec, Vmm};
 
@@ -95,10 +95,12 @@ pub fn spec_for(
         kernel: img.join("vmlinuz"),
         initrd: img.join("initrd.img"),
         cmdline: cmdline(boot),
-        boot_mem: BOOT_MEM,
+        boot_mem: boot.boot_mem(),
         hotplug_size: HOTPLUG_SIZE,
         block_size: boot.block_size(),
         cpus: opts.cpus,
+        balloon: boot.balloon(),
+        autosize: boot.autosize().map(str::to_string),
         kvm_pv_off: opts.kvm_pv_off.clone(),
         work_dir: paths.work.clone(),
         log_dir: paths.logs.clone(),

@@ -61,7 +61,19 @@ pub enum Boot {
     Block128M,
     /// No `memhp_default_state`: the kernel's built-in default.
     KernelDefault,
+    /// Like [`Boot::Movable`] with a virtio-balloon for statistics and free page
+    /// reporting.
+    Balloon,
+    /// Like [`Boot::Balloon`] with 1 GiB of boot RAM and our VMM's automatic sizing on
+    /// ([`AUTOSIZE_POLICY`]).
+    Autosize,
 }
+
+/// The automatic sizing policy of [`Boot::Autosize`].
+///
+/// The target is 60%, not the default 75%: each workload step writes 256 MiB, which must
+/// fit in what is free before the next plug lands, also at the smallest sizes.
+pub const AUTOSIZE_POLICY: &str = "min=0,max=3G,target=60";
 
 impl Boot {
     /// Label for logs.
@@ -73,13 +85,15 @@ impl Boot {
             Self::Block64M => "block-64m",
             Self::Block128M => "block-128m",
             Self::KernelDefault => "kernel-default",
+            Self::Balloon => "balloon",
+            Self::Autosize => "autosize",
         }
     }
 
     /// Onlining-related kernel parameters.
     pub fn cmdline(self) -> &'static str {
         match self {
-            Self::Movable | Self::Block64M | Self::Block128M => {
+            Self::Movable | Self::Block64M | Self::Block128M | Self::Balloon | Self::Autosize => {
                 "memhp_default_state=online_movable"
             }
             Self::Offline => "memhp_default_state=offline",
@@ -100,8 +114,30 @@ impl Boot {
     }
 }
 
-/// Guest boot memory for every scenario.
+/// Guest boot memory for every scenario but [`Boot::Autosize`]'s.
 pub const BOOT_MEM: u64 = 512 * MIB;
+
+impl Boot {
+    /// Boot RAM: [`BOOT_MEM`], or 1 GiB for automatic sizing (our VMM lets the
+    /// controller plug at most 3x the boot RAM into ZONE_MOVABLE, and the workload of
+    /// `autosize-grow` needs about 1.2 GiB plugged).
+    pub fn boot_mem(self) -> u64 {
+        match self {
+            Self::Autosize => GIB,
+            _ => BOOT_MEM,
+        }
+    }
+
+    /// Whether the VMM adds a balloon.
+    pub fn balloon(self) -> bool {
+        matches!(self, Self::Balloon | Self::Autosize)
+    }
+
+    /// Our VMM's `--autosize` policy, if any.
+    pub fn autosize(self) -> Option<&'static str> {
+        matches!(self, Self::Autosize).then_some(AUTOSIZE_POLICY)
+    }
+}
 /// virtio-mem region size for every scenario.
 pub const HOTPLUG_SIZE: u64 = 4 * GIB;
 
@@ -149,6 +185,9 @@ pub const ALL: &[Scenario] = &[
     Scenario { name: "auto-movable", about: "online_policy=auto-movable: Movable/kernel split follows auto_movable_ratio", boot: Boot::AutoMovable, ci: K61_ONLY, smp: NONE, ours_only: None, run: auto_movable },
     Scenario { name: "block-64m", about: "64 MiB device blocks: sub-block mode, plug/unplug 512 MiB", boot: Boot::Block64M, ci: K61_ONLY, smp: NONE, ours_only: None, run: block_64m },
     Scenario { name: "block-128m", about: "128 MiB device blocks: big-block mode, plug/unplug 512 MiB", boot: Boot::Block128M, ci: K61_ONLY, smp: NONE, ours_only: None, run: block_128m },
+    Scenario { name: "free-page-reporting", about: "size fixed, the guest fills then frees 1 GiB of tmpfs: VMM RSS falls by >= 80% of it without a resize", boot: Boot::Balloon, ci: BOTH, smp: NONE, ours_only: Some(BALLOON_QEMU), run: free_page_reporting },
+    Scenario { name: "autosize-grow", about: "--autosize: the workload grows 100 MiB -> 1.6 GiB in 256 MiB steps every 2 s: plugs follow within 2 s of crossing the target, no OOM, data intact", boot: Boot::Autosize, ci: BOTH, smp: NONE, ours_only: Some(AUTOSIZE_QEMU), run: autosize_grow },
+    Scenario { name: "autosize-shrink", about: "--autosize: after the workload frees, plugged returns to min within 60 s and the region's host memory with it", boot: Boot::Autosize, ci: BOTH, smp: NONE, ours_only: Some(AUTOSIZE_QEMU), run: autosize_shrink },
     Scenario { name: "default-online", about: "no memhp_default_state: 6.1 leaves memory offline, 6.12 onlines it into Normal", boot: Boot::KernelDefault, ci: BOTH, smp: NONE, ours_only: None, run: default_online },
 ];
 
@@ -890,6 +929,264 @@ fn default_online(g: &mut Guest, k: Kernel, m: &mut Metrics) -> Result<(), Scena
             m.insert("plugged_offline_mib".into(), (s.plugged / MIB) as f64);
         }
     }
+    Ok(())
+}
+
+/// Why the balloon scenarios are not run against QEMU by default.
+const BALLOON_QEMU: &str = "it checks our VMM's discard of reported pages in boot RAM and \
+    plugged blocks; QEMU's balloon beside virtio-mem is ci/autosize-bench's comparison";
+/// Why the automatic sizing scenarios are ours only.
+const AUTOSIZE_QEMU: &str = "QEMU has no automatic sizing";
+
+/// Our VMM's whole `GET /v1/memory` answer.
+fn vmm_status(g: &mut Guest) -> Result<serde_json::Value, ScenarioError> {
+    g.vmm
+        .status_json()?
+        .ok_or_else(|| ScenarioError::Check("this VMM reports no JSON status".into()))
+}
+
+/// Checks that the guest's balloon driver loaded (the image loads it as a module).
+fn check_balloon_driver(g: &Guest) -> Result<(), ScenarioError> {
+    let loaded = g.modules.iter().any(|l| {
+        l.get("name") == Some("virtio_balloon")
+            && matches!(l.get("status"), Some("loaded" | "builtin"))
+    });
+    ensure!(
+        loaded,
+        "the guest's virtio_balloon driver did not load: {:?}",
+        g.modules
+            .iter()
+            .filter(|l| l.get("name") == Some("virtio_balloon"))
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// Free page reports are sent in batches of 32 ranges, about a sixteenth of a free list
+/// every 2 s (Linux's `mm/page_reporting.c`: "reporting all pages on an idle system in
+/// about 30 seconds"): 1 GiB of 4 MiB ranges takes 15-20 s whatever the VMM does.
+const FPR_TIMEOUT: Duration = Duration::from_secs(40);
+
+fn free_page_reporting(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    check_balloon_driver(g)?;
+    g.ensure_plugged(1536 * MIB)?;
+    if g.filled_mib > 0 {
+        g.free()?;
+    }
+    let sizes = g.sizes()?;
+    g.fill(1024, false)?;
+    let full = g.vmm_rss()?;
+    g.free()?;
+    let t0 = Instant::now();
+    let want = 1024 * MIB * 8 / 10;
+    let (rss, secs) = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        g.console.check_events("free page reports")?;
+        let rss = g.vmm_rss()?;
+        if full.saturating_sub(rss) >= want || t0.elapsed() > FPR_TIMEOUT {
+            break (rss, t0.elapsed().as_secs_f64());
+        }
+    };
+    let drop = full.saturating_sub(rss);
+    m.insert("fpr_rss_full_mib".into(), (full / MIB) as f64);
+    m.insert("fpr_rss_drop_mib".into(), (drop / MIB) as f64);
+    m.insert("fpr_s".into(), secs);
+    ensure!(
+        drop >= want,
+        "VMM RSS fell by {} MiB ({} -> {} MiB) within {:.0} s of the guest freeing 1024 MiB, \
+         less than 80%: free page reports were not discarded",
+        drop / MIB,
+        full / MIB,
+        rss / MIB,
+        FPR_TIMEOUT.as_secs_f64()
+    );
+    let after = g.sizes()?;
+    ensure!(
+        after.plugged == sizes.plugged && after.requested == sizes.requested,
+        "the sizes changed without a resize: plugged {} -> {} MiB, requested {} -> {} MiB",
+        sizes.plugged / MIB,
+        after.plugged / MIB,
+        sizes.requested / MIB,
+        after.requested / MIB
+    );
+    // The memory is still the guest's: it fills again.
+    g.fill(512, true)?;
+    g.verify("after free page reporting")?;
+    g.free()?;
+    Ok(())
+}
+
+/// Workload steps of `autosize-grow`.
+const GROW_STEPS: u64 = 6;
+/// Bytes each step adds.
+const GROW_STEP: u64 = 256 * MIB;
+
+/// Guest memory in use (MemTotal - MemAvailable) and MemTotal, in kB.
+fn guest_use_kb(g: &mut Guest) -> Result<(u64, u64), ScenarioError> {
+    let r = Report::from_lines(&g.agent("meminfo", QUICK)?);
+    Ok((r.memtotal_kb.saturating_sub(r.memavail_kb), r.memtotal_kb))
+}
+
+fn autosize_target_percent(st: &serde_json::Value) -> Result<u64, ScenarioError> {
+    st["autosize"]["policy"]["target_percent"]
+        .as_u64()
+        .ok_or_else(|| ScenarioError::Check(format!("automatic sizing is not on: {st}")))
+}
+
+fn autosize_grow(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    check_balloon_driver(g)?;
+    guest_sh(g, "rm -f /data/step*")?;
+    if g.filled_mib > 0 {
+        g.free()?;
+    }
+    let target = autosize_target_percent(&vmm_status(g)?)?;
+    g.fill(100, true)?;
+    let mut latencies = Vec::new();
+    for i in 0..GROW_STEPS {
+        let step_start = Instant::now();
+        let before = g.sizes()?.requested;
+        let out: Vec<String> = g
+            .agent(
+                &format!(
+                    "sh dd if=/dev/zero of=/data/step{i} bs=1M count={} 2>/dev/null && echo ok=1 || echo ok=0",
+                    GROW_STEP / MIB
+                ),
+                Duration::from_secs(300),
+            )?
+            .into_iter()
+            .filter(|l| l.kind == "out")
+            .filter_map(|l| l.msg)
+            .collect();
+        ensure!(
+            out_value(&out, "ok") == Some("1"),
+            "step {i}: the guest could not write {} MiB more: {out:?}",
+            GROW_STEP / MIB
+        );
+        let written = Instant::now();
+        let (used, total) = guest_use_kb(g)?;
+        if used * 100 > total * target {
+            // Above target: the controller must raise the requested size within 2 s (from
+            // the end of the write; the crossing was during it).
+            let latency = loop {
+                let s = g.sizes()?;
+                let waited = written.elapsed();
+                if s.requested > before || waited > Duration::from_secs(10) {
+                    break (s.requested > before).then_some(waited.as_secs_f64());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let Some(latency) = latency else {
+                return Err(ScenarioError::Check(format!(
+                    "step {i}: the guest uses {used} of {total} kB (above {target}%) but the \
+                     requested size stayed at {} MiB for 10 s: {}",
+                    before / MIB,
+                    vmm_status(g)?["autosize"]
+                )));
+            };
+            latencies.push(latency);
+        }
+        let left = Duration::from_secs(2).saturating_sub(step_start.elapsed());
+        std::thread::sleep(left);
+    }
+    let s = g.wait_plugged_stable(Duration::from_secs(5), Duration::from_secs(120))?;
+    let (used, total) = guest_use_kb(g)?;
+    let st = vmm_status(g)?;
+    m.insert("autosize_plugged_mib".into(), (s.plugged / MIB) as f64);
+    m.insert(
+        "autosize_used_percent".into(),
+        (used * 100 / total.max(1)) as f64,
+    );
+    if let Some(first) = latencies.first() {
+        m.insert("autosize_first_grow_s".into(), *first);
+    }
+    let worst = latencies.iter().copied().fold(0.0, f64::max);
+    m.insert("autosize_worst_grow_s".into(), worst);
+    ensure!(
+        !latencies.is_empty(),
+        "the workload never went above the {target}% target: the scenario tested nothing"
+    );
+    ensure!(
+        latencies.iter().all(|l| *l <= 2.0),
+        "a growth step came {worst:.1} s after the write that crossed the target (bound 2 s): \
+         {latencies:?}"
+    );
+    ensure!(
+        used * 100 <= total * (target + 5),
+        "after settling the guest uses {used} of {total} kB, above the {target}% target: {}",
+        st["autosize"]
+    );
+    g.verify("after automatic growth")?;
+    Ok(())
+}
+
+fn autosize_shrink(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    check_balloon_driver(g)?;
+    if g.sizes()?.plugged < 512 * MIB {
+        // Run alone: make the controller grow first.
+        g.fill(900, false)?;
+        let s = g.wait_plugged_stable(Duration::from_secs(5), Duration::from_secs(120))?;
+        ensure!(
+            s.plugged >= 256 * MIB,
+            "setup: the controller plugged only {} MiB for 900 MiB of data",
+            s.plugged / MIB
+        );
+    }
+    let start = g.sizes()?;
+    let resident_before = vmm_status(g)?["host_resident_bytes"].as_u64().unwrap_or(0);
+    guest_sh(g, "rm -f /data/step*")?;
+    if g.filled_mib > 0 {
+        g.free()?;
+    }
+    let t0 = Instant::now();
+    let end = loop {
+        g.console.check_events("automatic shrinking")?;
+        let s = g.sizes()?;
+        if (s.plugged == 0 && s.requested == 0) || t0.elapsed() > Duration::from_secs(90) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    m.insert(
+        "autosize_shrink_from_mib".into(),
+        (start.plugged / MIB) as f64,
+    );
+    m.insert("autosize_shrink_s".into(), secs);
+    ensure!(
+        end.plugged == 0 && end.requested == 0,
+        "90 s after the workload freed, {} MiB are still plugged ({} requested; min is 0): {}",
+        end.plugged / MIB,
+        end.requested / MIB,
+        vmm_status(g)?["autosize"]
+    );
+    ensure!(
+        t0.elapsed() <= Duration::from_secs(60),
+        "plugged memory took {secs:.0} s to return to min, more than 60 s"
+    );
+    // The region's host memory falls with it (sampled at most a second ago).
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = vmm_status(g)?;
+    let resident = st["host_resident_bytes"].as_u64().unwrap_or(u64::MAX);
+    m.insert(
+        "autosize_resident_before_mib".into(),
+        (resident_before / MIB) as f64,
+    );
+    m.insert(
+        "autosize_resident_after_mib".into(),
+        (resident / MIB) as f64,
+    );
+    ensure!(
+        resident <= 16 * MIB,
+        "the region still holds {} MiB of host memory with nothing plugged (was {} MiB)",
+        resident / MIB,
+        resident_before / MIB
+    );
+    let decisions = st["autosize"]["decisions"].as_array().map_or(0, Vec::len);
+    ensure!(
+        decisions > 0,
+        "no decision recorded in GET /v1/memory's autosize: {}",
+        st["autosize"]
+    );
     Ok(())
 }
 

@@ -27,6 +27,11 @@ pub struct VmSpec {
     pub block_size: u64,
     /// vCPUs.
     pub cpus: u32,
+    /// A virtio-balloon for the guest's statistics and free page reporting (our VMM's
+    /// `--balloon`; QEMU's `virtio-balloon-pci,free-page-reporting=on`).
+    pub balloon: bool,
+    /// Our VMM's `--autosize` policy (QEMU has no equivalent).
+    pub autosize: Option<String>,
     /// KVM paravirtual features to hide from the guest (our VMM's `--kvm-pv-off` names:
     /// pv-tlb-flush, async-pf-int, ...; QEMU gets the matching `-cpu host,kvm-...=off`).
     pub kvm_pv_off: Vec<String>,
@@ -116,6 +121,15 @@ pub trait VmmProcess {
     fn sizes(&mut self) -> Result<DeviceSizes, VmmError>;
     /// Host process id (for RSS).
     fn pid(&self) -> u32;
+    /// The VMM's whole memory status as JSON, when it has one (our VMM's `GET
+    /// /v1/memory`); `None` for VMMs without.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError`] when the VMM does not answer.
+    fn status_json(&mut self) -> Result<Option<serde_json::Value>, VmmError> {
+        Ok(None)
+    }
     /// `Some(description)` once the VMM process has exited.
     fn exited(&mut self) -> Option<String>;
     /// Stops the VMM (kill if needed) and reaps it.
