@@ -91,6 +91,11 @@ impl Capacity {
         self.cap = cap;
     }
 
+    /// The balloon's counters, when there is a balloon.
+    pub fn balloon_counters(&self) -> Option<virtio_balloon::Counters> {
+        self.balloon.as_ref().map(|b| balloon::lock(b).counters())
+    }
+
     /// Whether the controller sets the size.
     pub fn is_on(&self) -> bool {
         self.controller.is_some()

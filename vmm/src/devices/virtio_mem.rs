@@ -671,6 +671,32 @@ impl MemoryControl for MemoryApi {
             "KVM memory slots the virtio-mem region has registered.",
             self.registered_slots.load(Ordering::Relaxed),
         );
+        if let Some(b) = lock_capacity(&self.capacity).balloon_counters() {
+            for (name, help, v) in [
+                (
+                    "virtio_balloon_stats_updates_total",
+                    "Statistics buffers the guest's balloon driver sent.",
+                    b.stats_updates,
+                ),
+                (
+                    "virtio_balloon_stats_malformed_total",
+                    "Statistics buffers that could not be read (counted, ignored).",
+                    b.stats_malformed,
+                ),
+                (
+                    "virtio_balloon_reported_bytes_total",
+                    "Bytes the guest reported free that the host discarded.",
+                    b.reported_bytes,
+                ),
+                (
+                    "virtio_balloon_reports_refused_total",
+                    "Reported ranges refused: unaligned, or not in boot RAM or plugged blocks.",
+                    b.reports_refused,
+                ),
+            ] {
+                m.counter(name, help, &[(&[], v)]);
+            }
+        }
         m.finish()
     }
 
