@@ -219,16 +219,54 @@ pub struct Vm {
     virtio_windows: Vec<VirtioMmioWindow>,
     /// Each virtio-mmio device's name, GSI and interrupt, for the state dump.
     virtio_irqs: Vec<(String, u32, Arc<MmioInterrupt>)>,
+    /// Each virtio-mmio transport by device name, for its count of bad accesses.
+    virtio_transports: Vec<(&'static str, Arc<Mutex<MmioDevice>>)>,
     entry: Option<u64>,
 }
 
-impl std::fmt::Debug for Vm {
+/// The name of a virtio device type in metrics.
+fn device_name(device_type: u32) -> &'static str {
+    match device_type {
+        virtio_balloon::DEVICE_TYPE => "virtio-balloon",
+        crate::devices::rng::VIRTIO_ID_RNG => "virtio-rng",
+        virtio_mem::wire::VIRTIO_ID_MEM => "virtio-mem",
+        _ => "virtio",
+    }
+}
+
+/// A live count, read when asked.
+type Count = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Guest accesses nothing could answer: each virtio-mmio transport's count (wrong width,
+/// unknown or read-only register, out-of-order setup) and the buses' (no device at the
+/// address). A working guest makes none.
+#[derive(Clone, Default)]
+pub struct BadAccesses {
+    sources: Vec<(&'static str, Count)>,
+}
+
+impl std::fmt::Debug for BadAccesses {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm")
-            .field("vcpus", &self.vcpus.len())
-            .field("mem_size", &self.mem_size)
-            .field("virtio_windows", &self.virtio_windows)
-            .finish_non_exhaustive()
+        f.debug_struct("BadAccesses")
+            .field("counts", &self.counts())
+            .finish()
+    }
+}
+
+impl BadAccesses {
+    /// Adds a source named `name` (the metric's `where` label) whose count `count` reads.
+    pub fn with(
+        mut self,
+        name: &'static str,
+        count: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        self.sources.push((name, Arc::new(count)));
+        self
+    }
+
+    /// `(where, count)` for each source, in the order added.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        self.sources.iter().map(|(n, c)| (*n, c())).collect()
     }
 }
 
@@ -333,6 +371,7 @@ impl Vm {
             serial,
             virtio_windows: Vec::new(),
             virtio_irqs: Vec::new(),
+            virtio_transports: Vec::new(),
             entry: None,
         })
     }
@@ -428,11 +467,11 @@ impl Vm {
                 .map_err(setup("IOEVENTFD (virtio-mmio queue notify)"))?;
             notify.push(evt.try_clone().map_err(io_err("queue eventfd"))?);
         }
-        self.mmio_bus.insert(
-            Arc::new(Mutex::new(MmioDevice(transport))),
-            base,
-            VIRTIO_MMIO_SIZE,
-        )?;
+        let window = Arc::new(Mutex::new(MmioDevice(transport)));
+        self.mmio_bus
+            .insert(window.clone(), base, VIRTIO_MMIO_SIZE)?;
+        self.virtio_transports
+            .push((device_name(device_type), window));
         let w = VirtioMmioWindow {
             base,
             size: VIRTIO_MMIO_SIZE,
@@ -533,6 +572,24 @@ impl Vm {
         let evt = notify.pop().ok_or(VmError::NoIrq)?;
         self.add_subscriber(Arc::new(Mutex::new(RngHandler::new(rng, evt))));
         Ok(())
+    }
+
+    /// The counts of guest accesses nothing could answer, as they grow: each virtio
+    /// device by name, then `mmio-bus` and `io-bus`.
+    pub fn bad_accesses(&self) -> BadAccesses {
+        let mut b = BadAccesses::default();
+        for (name, t) in &self.virtio_transports {
+            let t = Arc::clone(t);
+            b = b.with(name, move || {
+                t.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0
+                    .bad_accesses()
+            });
+        }
+        let (mmio, io) = (self.mmio_bus.clone(), self.io_bus.clone());
+        b.with("mmio-bus", move || mmio.unclaimed_accesses())
+            .with("io-bus", move || io.unclaimed_accesses())
     }
 
     /// Adds the never-inflated balloon, asking for the guest's statistics every
@@ -705,6 +762,10 @@ pub fn run_outcome(cfg: &VmConfig) -> Result<RunOutcome, VmError> {
             m.attach_balloon(balloon, cfg.autosize_cap, cfg.autosize.clone())
                 .map_err(VmError::Autosize)?;
         }
+    }
+    if let Some(m) = &memory {
+        // Every device is in place now: all of them are counted.
+        m.set_bad_accesses(vm.bad_accesses());
     }
     let _api = match (&cfg.api_socket, &memory) {
         (Some(path), Some(memory)) => Some(ApiServer::start(

@@ -101,6 +101,17 @@ fn metrics_and_resize_state_follow_the_guests_requests() {
         Arc::clone(&region),
         slots,
     ));
+    // A guest poking where no device is: two accesses counted on the MMIO bus.
+    let bus = Arc::new(vmm::bus::Bus::new());
+    let mut junk = [0u8; 4];
+    assert!(!bus.read(0xdead_0000, &mut junk));
+    assert!(!bus.write(0xdead_0004, &junk));
+    let b = Arc::clone(&bus);
+    api.set_bad_accesses(
+        vmm::vm::BadAccesses::default()
+            .with("mmio-bus", move || b.unclaimed_accesses())
+            .with("virtio-mem", || 0),
+    );
     let dir = std::env::temp_dir().join(format!("vmm-api-metrics-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("api.sock");
@@ -171,6 +182,22 @@ fn metrics_and_resize_state_follow_the_guests_requests() {
     assert_eq!(
         number(sample(&scrape, "vmm_kvm_slots_registered", &[])),
         1.0
+    );
+    assert_eq!(
+        number(sample(
+            &scrape,
+            "vmm_bad_guest_accesses_total",
+            &[("where", "mmio-bus")]
+        )),
+        2.0
+    );
+    assert_eq!(
+        number(sample(
+            &scrape,
+            "vmm_bad_guest_accesses_total",
+            &[("where", "virtio-mem")]
+        )),
+        0.0
     );
     let Value::Histogram(h) = sample(&scrape, "vmm_virtio_mem_plug_host_seconds", &[]) else {
         panic!("no plug histogram in:\n{body}");

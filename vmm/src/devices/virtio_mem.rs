@@ -335,6 +335,7 @@ pub struct MemoryApi {
     device: SharedVirtioMem,
     region: Arc<memory_backend::MemoryRegion>,
     capacity: Arc<Mutex<Capacity>>,
+    bad_accesses: std::sync::OnceLock<crate::vm::BadAccesses>,
     resident: ResidentSampler,
     registered_slots: Arc<AtomicU64>,
     events: Arc<EventBus>,
@@ -542,6 +543,7 @@ impl MemoryApi {
             resident: ResidentSampler::start(Arc::clone(&region)),
             region,
             capacity,
+            bad_accesses: std::sync::OnceLock::new(),
             registered_slots,
             events,
             _watcher: stop,
@@ -551,6 +553,14 @@ impl MemoryApi {
     /// The size the guest is asked to plug now.
     pub fn requested_size(&self) -> u64 {
         lock(&self.device).state().requested_size()
+    }
+
+    /// Where `GET /metrics` finds the counts of guest accesses nothing could answer
+    /// (set once, when every device is in place).
+    pub fn set_bad_accesses(&self, counts: crate::vm::BadAccesses) {
+        if self.bad_accesses.set(counts).is_err() {
+            warn!("virtio-mem: bad access counts given twice; keeping the first");
+        }
     }
 
     /// The plugged blocks, where the balloon may discard what the guest reports free.
@@ -671,6 +681,22 @@ impl MemoryControl for MemoryApi {
             "KVM memory slots the virtio-mem region has registered.",
             self.registered_slots.load(Ordering::Relaxed),
         );
+        if let Some(bad) = self.bad_accesses.get() {
+            let counts = bad.counts();
+            let labels: Vec<[(&str, &str); 1]> =
+                counts.iter().map(|(w, _)| [("where", *w)]).collect();
+            let samples: Vec<(&[(&str, &str)], u64)> = labels
+                .iter()
+                .zip(&counts)
+                .map(|(l, (_, n))| (l.as_slice(), *n))
+                .collect();
+            m.counter(
+                "bad_guest_accesses_total",
+                "Guest MMIO and port accesses nothing could answer (wrong width, unknown or \
+                 read-only register, no device there): a working guest makes none.",
+                &samples,
+            );
+        }
         if let Some(b) = lock_capacity(&self.capacity).balloon_counters() {
             for (name, help, v) in [
                 (
