@@ -143,6 +143,7 @@ impl Vmm for Ours {
             child,
             api: ApiClient { socket },
             stderr_path,
+            binary: self.binary.clone(),
         }))
     }
 }
@@ -294,6 +295,8 @@ pub struct OursProcess {
     pub api: ApiClient,
     /// Where its stderr (log) goes.
     pub stderr_path: PathBuf,
+    /// The `vmm` binary, for its client commands.
+    pub binary: PathBuf,
 }
 
 /// How long our VMM gets to print its state dump.
@@ -358,6 +361,30 @@ impl VmmProcess for OursProcess {
 
     fn status_json(&mut self) -> Result<Option<Value>, VmmError> {
         self.api.status_json().map(Some)
+    }
+
+    fn resize_wait_cli(
+        &mut self,
+        size: u64,
+        timeout_s: u64,
+    ) -> Result<Option<(i32, String)>, VmmError> {
+        let out = Command::new(&self.binary)
+            .args(["resize", "--api-socket"])
+            .arg(&self.api.socket)
+            .args([
+                "--wait",
+                "--timeout",
+                &timeout_s.to_string(),
+                &size.to_string(),
+            ])
+            .output()
+            .map_err(|source| VmmError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        Ok(Some((out.status.code().unwrap_or(-1), text)))
     }
 
     fn exited(&mut self) -> Option<String> {

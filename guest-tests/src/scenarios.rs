@@ -555,6 +555,9 @@ fn pressure_with(g: &mut Guest, m: &mut Metrics, poke: bool) -> Result<(), Scena
     }
     m.insert("floor_mib".into(), (floor / MIB) as f64);
     m.insert("stalled_plugged_mib".into(), (last / MIB) as f64);
+    // `vmm resize --wait` sets the size again, which pokes the driver: not in the
+    // variant that measures the driver's own retry timer.
+    check_stall_reported(g, "offline", poke, m)?;
     m.insert(
         "partial_unplug_s".into(),
         stable_since.duration_since(t0).as_secs_f64(),
@@ -625,6 +628,50 @@ fn pressure_with(g: &mut Guest, m: &mut Metrics, poke: bool) -> Result<(), Scena
         "bad kernel log lines under pressure: {:?}",
         bad.iter().map(|d| &d.text).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+/// Where the VMM reports its state (our VMM): waits until `GET /v1/memory` says
+/// `stalled` with a reason naming `why` (a word of it, e.g. "offline"), and with `cli`
+/// checks that `vmm resize --wait` on the same size exits 4 with that reason (setting
+/// the size again restarts the stall clock: its timeout is past the 10 s a stall takes).
+/// Nothing for VMMs without such a status.
+fn check_stall_reported(
+    g: &mut Guest,
+    why: &str,
+    cli: bool,
+    m: &mut Metrics,
+) -> Result<(), ScenarioError> {
+    if g.vmm.status_json()?.is_none() {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let st = loop {
+        let st = vmm_status(g)?;
+        if st["state"] == "stalled" || t0.elapsed() > Duration::from_secs(30) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let reason = st["reason"].as_str().unwrap_or_default().to_string();
+    ensure!(
+        st["state"] == "stalled" && reason.contains(why),
+        "GET /v1/memory says state={} reason={reason:?}, expected stalled with a reason \
+         about '{why}'",
+        st["state"]
+    );
+    m.insert("stall_reported_after_s".into(), t0.elapsed().as_secs_f64());
+    if !cli {
+        return Ok(());
+    }
+    let requested = st["requested_size"].as_u64().unwrap_or(0);
+    if let Some((code, out)) = g.vmm.resize_wait_cli(requested, 15)? {
+        ensure!(
+            code == 4 && out.contains(why),
+            "vmm resize --wait on a stalled resize exited {code} (expected 4, with the \
+             reason): {out}"
+        );
+    }
     Ok(())
 }
 
@@ -716,6 +763,9 @@ fn unplugged_write(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), Sce
         same == 0,
         "{same} of {STRAY_WRITES} writes to unplugged memory read back: they landed in memory"
     );
+    // A resize while no driver is bound stalls, and says so.
+    g.vmm.resize(512 * MIB)?;
+    check_stall_reported(g, "not bound", true, m)?;
     let out = guest_sh(g, &format!("echo {dev} > {drv}/bind && echo bound=1"))?;
     ensure!(
         out_value(&out, "bound") == Some("1"),
@@ -784,6 +834,7 @@ fn manual_online(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), Scena
         "MemTotal grew to {} kB although no block was onlined",
         r.memtotal_kb
     );
+    check_stall_reported(g, "offline", true, m)?;
     // Online from the guest until the driver has plugged everything.
     let t1 = Instant::now();
     loop {

@@ -130,6 +130,19 @@ pub trait VmmProcess {
     fn status_json(&mut self) -> Result<Option<serde_json::Value>, VmmError> {
         Ok(None)
     }
+    /// Runs the VMM's own `resize --wait --timeout S SIZE` client and returns its exit
+    /// status and output; `None` for VMMs without one.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError::Spawn`] when the client cannot be started.
+    fn resize_wait_cli(
+        &mut self,
+        _size: u64,
+        _timeout_s: u64,
+    ) -> Result<Option<(i32, String)>, VmmError> {
+        Ok(None)
+    }
     /// `Some(description)` once the VMM process has exited.
     fn exited(&mut self) -> Option<String>;
     /// Stops the VMM (kill if needed) and reaps it.

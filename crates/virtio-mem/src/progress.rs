@@ -64,8 +64,10 @@ impl StallReason {
                                       booted"
                 .into(),
             StallReason::NoRequests { shrinking: false } => {
-                "the guest sends no requests: its virtio_mem driver is not acting (guest \
-                 hung or busy?)"
+                "the guest sends no plug requests: the memory it plugged is still offline \
+                 (onlining policy none or manual: online it in the guest, or boot it with \
+                 memhp_default_state=online_movable), or its virtio_mem driver is not acting \
+                 (guest hung or busy?)"
                     .into()
             }
             StallReason::NoRequests { shrinking: true } => {
