@@ -39,7 +39,7 @@ pub struct AutosizeArgs {
     /// The VMM's API socket.
     #[arg(long)]
     pub api_socket: PathBuf,
-    /// `off`, or the policy: min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE].
+    /// `off`, or the policy: `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE]`.
     #[arg(value_parser = parse_autosize_request)]
     pub policy: AutosizeRequest,
     /// Seconds to wait for the connection and the VMM's answer.
@@ -172,7 +172,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub balloon_stats_ms: u64,
     /// Size the guest's hotplugged memory automatically from its own statistics:
-    /// min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE], e.g. min=512M,max=8G,target=75.
+    /// `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE]`, e.g. min=512M,max=8G,target=75.
     /// Implies --balloon; needs --hotplug-size. Turn it off at run time with `vmm autosize
     /// --api-socket S off`.
     #[arg(long, value_parser = parse_autosize)]
