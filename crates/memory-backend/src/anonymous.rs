@@ -50,18 +50,28 @@ mod tests {
     #[test]
     fn discarded_memory_reads_zero_and_is_freed() {
         let len = 64 * 4096usize;
+        // smaps accounts whole mappings, and the kernel merges a fresh anonymous mapping
+        // with any compatible neighbour (other tests' threads map memory too). A
+        // PROT_NONE page on each side keeps ours a mapping of its own.
         // SAFETY: a fresh private anonymous mapping nothing else knows about.
-        let p = unsafe {
+        let outer = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                len + 2 * 4096,
+                libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
         };
-        assert_ne!(p, libc::MAP_FAILED);
+        assert_ne!(outer, libc::MAP_FAILED);
+        // SAFETY: one page into the mapping above, `len` bytes, still inside it.
+        let p = unsafe { outer.cast::<u8>().add(4096) }.cast::<libc::c_void>();
+        // SAFETY: `[p, p+len)` lies inside our own mapping.
+        assert_eq!(
+            unsafe { libc::mprotect(p, len, libc::PROT_READ | libc::PROT_WRITE) },
+            0
+        );
         let base = NonNull::new(p.cast::<u8>()).unwrap();
         // SAFETY: inside the mapping above.
         unsafe { base.as_ptr().write_bytes(0xa5, len) };
@@ -83,6 +93,6 @@ mod tests {
         // SAFETY: inside the mapping.
         assert_eq!(unsafe { base.as_ptr().read_volatile() }, 1);
         // SAFETY: unmapping what we mapped; nothing refers to it.
-        assert_eq!(unsafe { libc::munmap(p, len) }, 0);
+        assert_eq!(unsafe { libc::munmap(outer, len + 2 * 4096) }, 0);
     }
 }
