@@ -233,10 +233,7 @@ impl Timeline {
         for (i, s) in self.series.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             chart
-                .draw_series(LineSeries::new(
-                    s.points.iter().copied(),
-                    color.stroke_width(2),
-                ))
+                .draw_series(LineSeries::new(steps(&s.points), color.stroke_width(2)))
                 .map_err(|e| draw_err(&e))?
                 .label(s.name.as_str())
                 .legend(move |(x, y)| {
@@ -263,7 +260,7 @@ impl Timeline {
             .configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::MiddleMiddle)
             .draw()
             .map_err(|e| draw_err(&e))?;
         root.present().map_err(|e| draw_err(&e))?;
