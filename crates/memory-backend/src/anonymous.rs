@@ -68,10 +68,8 @@ mod tests {
         // SAFETY: one page into the mapping above, `len` bytes, still inside it.
         let p = unsafe { outer.cast::<u8>().add(4096) }.cast::<libc::c_void>();
         // SAFETY: `[p, p+len)` lies inside our own mapping.
-        assert_eq!(
-            unsafe { libc::mprotect(p, len, libc::PROT_READ | libc::PROT_WRITE) },
-            0
-        );
+        let rc = unsafe { libc::mprotect(p, len, libc::PROT_READ | libc::PROT_WRITE) };
+        assert_eq!(rc, 0);
         let base = NonNull::new(p.cast::<u8>()).unwrap();
         // SAFETY: inside the mapping above.
         unsafe { base.as_ptr().write_bytes(0xa5, len) };
