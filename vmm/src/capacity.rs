@@ -91,6 +91,13 @@ impl Capacity {
         self.cap = cap;
     }
 
+    /// The most the controller plugs under `p`: `max`, or less where the guest's onlining
+    /// policy limits it, unless the operator lifted that with `beyond_cap`.
+    fn cap_for(&self, p: &AutosizePolicy) -> u64 {
+        let cap = if p.beyond_cap { self.region } else { self.cap };
+        cap.min(p.max)
+    }
+
     /// The balloon's counters, when there is a balloon.
     pub fn balloon_counters(&self) -> Option<virtio_balloon::Counters> {
         self.balloon.as_ref().map(|b| balloon::lock(b).counters())
@@ -137,8 +144,12 @@ impl Capacity {
                 }
                 let policy = self.policy_for(&p)?;
                 info!(
-                    "autosize: on, min {} max {} target {}% headroom {}",
-                    policy.min, policy.max, p.target_percent, policy.headroom
+                    "autosize: on, min {} max {} target {}% headroom {} cap {}",
+                    policy.min,
+                    policy.max,
+                    p.target_percent,
+                    policy.headroom,
+                    self.cap_for(&p)
                 );
                 self.controller = Some((p, Controller::new(policy)));
                 self.backoff_until = None;
@@ -212,12 +223,14 @@ impl Capacity {
             self.set_state("stalled", format!("the resize does not move: {why}"));
             return None;
         }
+        let cap = self.cap_for(&self.controller.as_ref()?.0);
         let (_, controller) = self.controller.as_mut()?;
         let max_age = controller.policy().max_stats_age;
+        let max = controller.policy().max;
         let device = autosize::Device {
             plugged,
             requested,
-            cap: self.cap,
+            cap,
         };
         let decision = controller.decide(now, sample.as_ref(), device);
         let backing_off = self.backoff_until.is_some_and(|t| now < t);
@@ -270,11 +283,18 @@ impl Capacity {
                         "below target, waiting for the hold time before shrinking".into(),
                     ),
                     Keep::RateLimited => ("holding", "a step is due but rate-limited".into()),
+                    Keep::AtLimit if cap < max => (
+                        "at-limit",
+                        format!(
+                            "more memory is wanted but the size is at {cap} bytes, what the \
+                             guest's onlining policy can take (3x boot RAM in ZONE_MOVABLE); \
+                             beyond_cap=yes lifts this, at the risk of the guest kernel \
+                             running short of its own memory"
+                        ),
+                    ),
                     Keep::AtLimit => (
                         "at-limit",
-                        "more memory is wanted but the size is at max (or at what the \
-                         guest's onlining policy can take)"
-                            .into(),
+                        format!("more memory is wanted but the size is at max, {max} bytes"),
                     ),
                 };
                 self.set_state(state, reason);
@@ -315,6 +335,7 @@ impl Capacity {
                     .unwrap_or(u64::MAX),
             });
         Some(AutosizeStatus {
+            cap: self.cap_for(policy),
             policy: policy.clone(),
             state: self.state.to_string(),
             reason: self.reason.clone(),
@@ -350,17 +371,23 @@ mod tests {
     }
 
     fn on(min: u64, max: u64) -> Capacity {
+        on_capped(min, max, 4 * GIB, false)
+    }
+
+    /// On, with the onlining policy's cap at `cap` and `beyond_cap` as given.
+    fn on_capped(min: u64, max: u64, cap: u64, beyond_cap: bool) -> Capacity {
         let mut c = Capacity::new(2 * MIB, 4 * GIB);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let balloon = Arc::new(Mutex::new(VirtioBalloon::new(GuestFreePages::new(
             &mem, None,
         ))));
-        c.attach_balloon(balloon, 4 * GIB);
+        c.attach_balloon(balloon, cap);
         c.set_policy(Some(AutosizePolicy {
             min,
             max,
             target_percent: 75,
             headroom: None,
+            beyond_cap,
         }))
         .unwrap();
         c
@@ -382,6 +409,7 @@ mod tests {
             max: GIB,
             target_percent: 75,
             headroom: None,
+            beyond_cap: false,
         };
         assert_eq!(c.set_policy(Some(p.clone())), Err(CapacityError::NoBalloon));
         let mut c = on(0, GIB);
@@ -435,6 +463,35 @@ mod tests {
         let s = c.status(now).unwrap();
         assert_eq!((s.state.as_str(), s.decisions.len()), ("growing", 1));
         assert_eq!(s.decisions[0].to, to);
+    }
+
+    #[test]
+    fn growth_stops_at_the_onlining_cap_unless_the_operator_lifts_it() {
+        // 500 of 512 MiB in use wants 667 MiB at 75%: 156 MiB more than the boot RAM,
+        // above a 64 MiB cap.
+        let now = Instant::now();
+        let want = sample(now, 512 * MIB, 500 * MIB);
+        let mut capped = on_capped(0, 3 * GIB, 64 * MIB, false);
+        let mut dev = device();
+        let (_, to, _) = capped.tick(now, want, &mut dev).unwrap();
+        assert_eq!(to, 64 * MIB);
+        assert_eq!(capped.status(now).unwrap().cap, 64 * MIB);
+        dev.state_mut().handle(Request::Plug {
+            addr: ADDR,
+            nb_blocks: 32,
+        });
+        let later = now + Duration::from_secs(5);
+        let still = sample(later, 576 * MIB, 560 * MIB);
+        assert_eq!(capped.tick(later, still, &mut dev), None);
+        let s = capped.status(later).unwrap();
+        assert_eq!(s.state, "at-limit");
+        assert!(s.reason.contains("beyond_cap=yes"), "{}", s.reason);
+
+        let mut lifted = on_capped(0, 3 * GIB, 64 * MIB, true);
+        let mut dev = device();
+        let (_, to, _) = lifted.tick(now, want, &mut dev).unwrap();
+        assert_eq!(to, 156 * MIB);
+        assert_eq!(lifted.status(now).unwrap().cap, 3 * GIB);
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub enum Command {
     /// Print a running VMM's memory figures, one key=value per line.
     Status(StatusArgs),
     /// Turn a running VMM's automatic sizing on (`min=512M,max=8G[,target=75]
-    /// [,headroom=256M]`) or `off`. Prints the status right after.
+    /// [,headroom=256M][,beyond_cap=yes]`) or `off`. Prints the status right after.
     Autosize(AutosizeArgs),
 }
 
@@ -39,7 +39,7 @@ pub struct AutosizeArgs {
     /// The VMM's API socket.
     #[arg(long)]
     pub api_socket: PathBuf,
-    /// `off`, or the policy: `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE]`.
+    /// `off`, or the policy: `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE][,beyond_cap=yes]`.
     #[arg(value_parser = parse_autosize_request)]
     pub policy: AutosizeRequest,
     /// Seconds to wait for the connection and the VMM's answer.
@@ -59,7 +59,7 @@ pub fn parse_autosize_request(s: &str) -> Result<AutosizeRequest, String> {
     parse_autosize(s).map(AutosizeRequest::On)
 }
 
-/// Parses a policy `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE]`.
+/// Parses a policy `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE][,beyond_cap=yes]`.
 ///
 /// # Errors
 ///
@@ -172,7 +172,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub balloon_stats_ms: u64,
     /// Size the guest's hotplugged memory automatically from its own statistics:
-    /// `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE]`, e.g. min=512M,max=8G,target=75.
+    /// `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE][,beyond_cap=yes]`, e.g.
+    /// min=512M,max=8G,target=75. With `--guest-online movable` it plugs at most 3x the
+    /// boot RAM unless `beyond_cap=yes`.
     /// Implies --balloon; needs --hotplug-size. Turn it off at run time with `vmm autosize
     /// --api-socket S off`.
     #[arg(long, value_parser = parse_autosize)]

@@ -22,6 +22,11 @@ pub struct AutosizePolicy {
     /// Memory kept free above used when shrinking; `None`: the VMM's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headroom: Option<u64>,
+    /// Grow past what the guest's onlining policy can manage (with everything onlined into
+    /// ZONE_MOVABLE, 3x the boot RAM, beyond which the guest kernel runs short of memory
+    /// for its own structures), up to `max`. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub beyond_cap: bool,
 }
 
 /// Why a policy was refused.
@@ -91,7 +96,8 @@ impl AutosizePolicy {
         Ok(())
     }
 
-    /// Parses `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE]`, keys in any order.
+    /// Parses `min=SIZE,max=SIZE[,target=PERCENT][,headroom=SIZE][,beyond_cap=yes|no]`,
+    /// keys in any order.
     ///
     /// # Errors
     ///
@@ -100,6 +106,7 @@ impl AutosizePolicy {
     pub fn parse_spec(s: &str) -> Result<Self, AutosizeError> {
         let bad = |m: String| AutosizeError::Invalid(m);
         let (mut min, mut max, mut target, mut headroom) = (None, None, None, None);
+        let mut beyond_cap = None;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
                 .split_once('=')
@@ -117,9 +124,21 @@ impl AutosizePolicy {
                     })?;
                     target.replace(t).is_some()
                 }
+                "beyond_cap" => {
+                    let b = match v {
+                        "yes" | "on" | "true" => true,
+                        "no" | "off" | "false" => false,
+                        _ => {
+                            return Err(bad(format!(
+                                "autosize beyond_cap '{v}': expected yes or no"
+                            )))
+                        }
+                    };
+                    beyond_cap.replace(b).is_some()
+                }
                 _ => {
                     return Err(bad(format!(
-                        "autosize: unknown key '{k}' (min, max, target, headroom)"
+                        "autosize: unknown key '{k}' (min, max, target, headroom, beyond_cap)"
                     )))
                 }
             };
@@ -139,6 +158,7 @@ impl AutosizePolicy {
             max: need(max, "max")?,
             target_percent: target.unwrap_or_else(default_target),
             headroom,
+            beyond_cap: beyond_cap.unwrap_or(false),
         })
     }
 }
@@ -161,6 +181,7 @@ struct RequestBody {
     max: Option<u64>,
     target_percent: Option<u8>,
     headroom: Option<u64>,
+    beyond_cap: Option<bool>,
 }
 
 impl AutosizeRequest {
@@ -171,7 +192,8 @@ impl AutosizeRequest {
     /// [`AutosizeError::Invalid`] saying what the body should be.
     pub fn from_json(body: &[u8]) -> Result<Self, AutosizeError> {
         let shape = "body must be {\"enabled\": false} or {\"min\": <bytes>, \"max\": <bytes>[, \
-                     \"target_percent\": 1-99][, \"headroom\": <bytes>]}";
+                     \"target_percent\": 1-99][, \"headroom\": <bytes>][, \"beyond_cap\": \
+                     true|false]}";
         let v: serde_json::Value = serde_json::from_slice(body)
             .map_err(|e| AutosizeError::Invalid(format!("{shape}: {e}")))?;
         if !v.is_object() {
@@ -184,7 +206,8 @@ impl AutosizeRequest {
         let any_policy = b.min.is_some()
             || b.max.is_some()
             || b.target_percent.is_some()
-            || b.headroom.is_some();
+            || b.headroom.is_some()
+            || b.beyond_cap.is_some();
         match (b.enabled, b.min, b.max) {
             (Some(false), ..) if !any_policy => Ok(AutosizeRequest::Off),
             (Some(false), ..) => Err(AutosizeError::Invalid(format!(
@@ -196,6 +219,7 @@ impl AutosizeRequest {
                     max,
                     target_percent: b.target_percent.unwrap_or_else(default_target),
                     headroom: b.headroom,
+                    beyond_cap: b.beyond_cap.unwrap_or(false),
                 };
                 p.check()?;
                 Ok(AutosizeRequest::On(p))
@@ -259,6 +283,9 @@ pub struct AutosizeDecision {
 pub struct AutosizeStatus {
     /// The policy in force.
     pub policy: AutosizePolicy,
+    /// The most the controller plugs: `max`, or less where the guest's onlining policy
+    /// limits it and `beyond_cap` is off.
+    pub cap: u64,
     /// `watching`, `growing`, `shrinking`, `holding`, `moving`, `at-limit`, `stale`,
     /// `stalled` or `backing-off`.
     pub state: String,
@@ -286,6 +313,14 @@ mod tests {
         );
         let p = AutosizePolicy::parse_spec("min=0,max=2G,target=60%,headroom=128M").unwrap();
         assert_eq!((p.target_percent, p.headroom), (60, Some(128 * M)));
+        assert!(!p.beyond_cap);
+        let p = AutosizePolicy::parse_spec("min=0,max=2G,beyond_cap=yes").unwrap();
+        assert!(p.beyond_cap);
+        assert!(
+            !AutosizePolicy::parse_spec("beyond_cap=no,min=0,max=2G")
+                .unwrap()
+                .beyond_cap
+        );
     }
 
     #[test]
@@ -298,6 +333,11 @@ mod tests {
             ("min=1X,max=2G", "min"),
             ("min=1G,max=2G,target=abc", "target"),
             ("min=1G,max", "'max'"),
+            ("min=1G,max=2G,beyond_cap=maybe", "beyond_cap"),
+            (
+                "min=1G,max=2G,beyond_cap=no,beyond_cap=no",
+                "beyond_cap given twice",
+            ),
         ] {
             let e = AutosizePolicy::parse_spec(spec).unwrap_err().to_string();
             assert!(e.contains(key), "{spec}: {e}");
@@ -335,8 +375,22 @@ mod tests {
             AutosizeRequest::from_json(AutosizeRequest::Off.to_json().as_bytes()).unwrap(),
             AutosizeRequest::Off
         );
+        let lifted =
+            AutosizeRequest::from_json(br#"{"min": 0, "max": 1024, "beyond_cap": true}"#).unwrap();
+        assert!(
+            matches!(&lifted, AutosizeRequest::On(p) if p.beyond_cap),
+            "{lifted:?}"
+        );
+        assert!(lifted.to_json().contains("\"beyond_cap\":true"));
+        assert!(!on.to_json().contains("beyond_cap"));
+        assert_eq!(
+            AutosizeRequest::from_json(lifted.to_json().as_bytes()).unwrap(),
+            lifted
+        );
         for bad in [
             &br#"{"enabled": true}"#[..],
+            br#"{"enabled": false, "beyond_cap": true}"#,
+            br#"{"min": 0, "max": 4, "beyond_cap": 1}"#,
             br#"{"enabled": false, "min": 0}"#,
             br#"{"min": 5, "max": 4}"#,
             br#"{"min": 0, "max": 4, "target_percent": 100}"#,

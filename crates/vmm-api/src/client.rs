@@ -249,9 +249,10 @@ impl MemoryStatus {
             |d| format!("{}->{} ({})", d.from, d.to, d.reason),
         );
         format!(
-            "autosize=on\nautosize_min={}\nautosize_max={}\nautosize_target_percent={}\nautosize_state={}\nautosize_reason={}\nguest_total={}\nguest_available={}\nguest_stats_age_ms={}\nautosize_last_decision={}\n",
+            "autosize=on\nautosize_min={}\nautosize_max={}\nautosize_cap={}\nautosize_target_percent={}\nautosize_state={}\nautosize_reason={}\nguest_total={}\nguest_available={}\nguest_stats_age_ms={}\nautosize_last_decision={}\n",
             a.policy.min,
             a.policy.max,
+            a.cap,
             a.policy.target_percent,
             a.state,
             a.reason,

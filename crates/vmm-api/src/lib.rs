@@ -7,7 +7,7 @@
 //! | `PUT /v1/memory` `{"requested_size": N}` | 202 and the new status: the resize started |
 //! | `GET /metrics` | 200, Prometheus text format: sizes, host memory, the device's counters |
 //! | `GET /v1/events` | 200 and a stream of newline-delimited JSON [`Event`]s until the client closes |
-//! | `PUT /v1/memory/autosize` `{"min": N, "max": N[, "target_percent": P][, "headroom": N]}` or `{"enabled": false}` | 200 and the status: automatic sizing on (or off) |
+//! | `PUT /v1/memory/autosize` `{"min": N, "max": N[, "target_percent": P][, "headroom": N][, "beyond_cap": B]}` or `{"enabled": false}` | 200 and the status: automatic sizing on (or off) |
 //!
 //! Errors are JSON `{"error": "..."}` with a 4xx status: 400 malformed request or JSON,
 //! 404 unknown path, 405 wrong method, 411 no length, 413 body too large, 422 a size the

@@ -39,6 +39,7 @@ impl MemoryControl for Fake {
                 return Err(AutosizeError::Invalid("max beyond the region".into()))
             }
             AutosizeRequest::On(policy) => Some(AutosizeStatus {
+                cap: policy.max,
                 policy,
                 state: "watching".into(),
                 reason: String::new(),

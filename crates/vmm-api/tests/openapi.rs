@@ -52,6 +52,7 @@ impl MemoryControl for Fake {
             }
             AutosizeRequest::On(policy) => {
                 s.autosize = Some(AutosizeStatus {
+                    cap: policy.max,
                     policy,
                     state: "stale".into(),
                     reason: "no statistics yet".into(),
@@ -340,7 +341,7 @@ fn triggers() -> Vec<(&'static str, &'static str, u16, Vec<u8>)> {
             "PUT",
             "/v1/memory/autosize",
             200,
-            put_autosize(r#"{"min": 0, "max": 1073741824, "headroom": 4096}"#),
+            put_autosize(r#"{"min": 0, "max": 1073741824, "headroom": 4096, "beyond_cap": true}"#),
         ),
         (
             "PUT",
