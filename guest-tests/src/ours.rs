@@ -80,10 +80,13 @@ pub fn split_online_policy(cmdline: &str) -> (&'static str, String) {
     } else {
         "kernel"
     };
+    // `online_kernel` has no `--guest-online` value (the VMM does not offer ZONE_NORMAL
+    // onlining, where unplug is unreliable): it stays on the command line, as an operator
+    // would pass it.
     let rest: Vec<&str> = words
         .into_iter()
         .filter(|w| {
-            !w.starts_with("memhp_default_state=")
+            (!w.starts_with("memhp_default_state=") || *w == "memhp_default_state=online_kernel")
                 && !w.starts_with("memory_hotplug.online_policy=")
         })
         .collect();
@@ -511,6 +514,11 @@ mod tests {
             "none"
         );
         assert_eq!(split_online_policy("a b").0, "kernel");
+        let (o, c) = split_online_policy("a memhp_default_state=online_kernel");
+        assert_eq!(
+            (o, c.as_str()),
+            ("kernel", "a memhp_default_state=online_kernel")
+        );
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub enum Boot {
     /// Like [`Boot::Balloon`] with 1 GiB of boot RAM and our VMM's automatic sizing on
     /// ([`AUTOSIZE_POLICY`]).
     Autosize,
+    /// Like [`Boot::Autosize`], but hotplugged memory is onlined into ZONE_NORMAL
+    /// (`memhp_default_state=online_kernel`), where unmovable data can pin it.
+    AutosizeKernel,
 }
 
 /// The automatic sizing policy of [`Boot::Autosize`].
@@ -87,6 +90,7 @@ impl Boot {
             Self::KernelDefault => "kernel-default",
             Self::Balloon => "balloon",
             Self::Autosize => "autosize",
+            Self::AutosizeKernel => "autosize-kernel",
         }
     }
 
@@ -101,6 +105,7 @@ impl Boot {
                 "memhp_default_state=online memory_hotplug.online_policy=auto-movable"
             }
             Self::KernelDefault => "",
+            Self::AutosizeKernel => "memhp_default_state=online_kernel",
         }
     }
 
@@ -123,19 +128,19 @@ impl Boot {
     /// `autosize-grow` needs about 1.2 GiB plugged).
     pub fn boot_mem(self) -> u64 {
         match self {
-            Self::Autosize => GIB,
+            Self::Autosize | Self::AutosizeKernel => GIB,
             _ => BOOT_MEM,
         }
     }
 
     /// Whether the VMM adds a balloon.
     pub fn balloon(self) -> bool {
-        matches!(self, Self::Balloon | Self::Autosize)
+        matches!(self, Self::Balloon | Self::Autosize | Self::AutosizeKernel)
     }
 
     /// Our VMM's `--autosize` policy, if any.
     pub fn autosize(self) -> Option<&'static str> {
-        matches!(self, Self::Autosize).then_some(AUTOSIZE_POLICY)
+        matches!(self, Self::Autosize | Self::AutosizeKernel).then_some(AUTOSIZE_POLICY)
     }
 }
 /// virtio-mem region size for every scenario.
@@ -188,6 +193,7 @@ pub const ALL: &[Scenario] = &[
     Scenario { name: "free-page-reporting", about: "size fixed, the guest fills then frees 1 GiB of tmpfs: VMM RSS falls by >= 80% of it without a resize", boot: Boot::Balloon, ci: BOTH, smp: NONE, ours_only: Some(BALLOON_QEMU), run: free_page_reporting },
     Scenario { name: "autosize-grow", about: "--autosize: the workload grows 100 MiB -> 1.6 GiB in 256 MiB steps every 2 s: plugs follow within 2 s of crossing the target, no OOM, data intact", boot: Boot::Autosize, ci: BOTH, smp: NONE, ours_only: Some(AUTOSIZE_QEMU), run: autosize_grow },
     Scenario { name: "autosize-shrink", about: "--autosize: after the workload frees, plugged returns to min within 60 s and the region's host memory with it", boot: Boot::Autosize, ci: BOTH, smp: NONE, ours_only: Some(AUTOSIZE_QEMU), run: autosize_shrink },
+    Scenario { name: "autosize-stall", about: "--autosize with memory onlined into ZONE_NORMAL and pinned by ramfs data in every block: the unplug cannot proceed, the controller sets requested back to plugged, backs off and says why; the data is intact", boot: Boot::AutosizeKernel, ci: BOTH, smp: NONE, ours_only: Some(AUTOSIZE_QEMU), run: autosize_stall },
     Scenario { name: "default-online", about: "no memhp_default_state: 6.1 leaves memory offline, 6.12 onlines it into Normal", boot: Boot::KernelDefault, ci: BOTH, smp: NONE, ours_only: None, run: default_online },
 ];
 
@@ -1238,6 +1244,118 @@ fn autosize_shrink(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), Sce
         "no decision recorded in GET /v1/memory's autosize: {}",
         st["autosize"]
     );
+    Ok(())
+}
+
+/// MiB of ramfs data `autosize-stall` writes, in 1 MiB files.
+const PIN_MIB: u64 = 900;
+
+/// The checksum of the ramfs files `autosize-stall` keeps.
+fn pinned_sum(g: &mut Guest) -> Result<String, ScenarioError> {
+    let out = g
+        .agent(
+            "sh s=$(cat /pin/f*[02468] | md5sum) && echo sum=${s%% *}",
+            Duration::from_secs(120),
+        )?
+        .into_iter()
+        .filter(|l| l.kind == "out")
+        .filter_map(|l| l.msg)
+        .collect::<Vec<_>>();
+    out_value(&out, "sum")
+        .map(str::to_string)
+        .ok_or_else(|| ScenarioError::Check(format!("no checksum of the ramfs data: {out:?}")))
+}
+
+/// ramfs pages are allocated without `__GFP_MOVABLE` and never migrate: in ZONE_NORMAL
+/// (which, with 1 GiB of boot RAM all below 4 GiB, is only the hotplugged memory) they pin
+/// whatever block holds them. Deleting every other 1 MiB file leaves the guest with little
+/// in use but no 2 MiB block it can empty, so the controller's shrink cannot proceed.
+fn autosize_stall(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    check_balloon_driver(g)?;
+    let script = format!(
+        "mkdir -p /pin && mount -t ramfs ramfs /pin && \
+         dd if=/dev/urandom of=/tmp/pinseed bs=1M count=4 2>/dev/null && i=0 && \
+         while [ $i -lt {PIN_MIB} ]; do \
+         dd if=/tmp/pinseed of=/pin/f$i bs=1M count=1 skip=$((i % 4)) 2>/dev/null || break; \
+         i=$((i + 1)); done; rm -f /tmp/pinseed; echo written=$i"
+    );
+    let out: Vec<String> = g
+        .agent(&format!("sh {script}"), Duration::from_secs(600))?
+        .into_iter()
+        .filter(|l| l.kind == "out")
+        .filter_map(|l| l.msg)
+        .collect();
+    let written = out_value(&out, "written").and_then(|v| v.parse::<u64>().ok());
+    ensure!(
+        written == Some(PIN_MIB),
+        "setup: the guest wrote {written:?} of {PIN_MIB} MiB into ramfs: {out:?}"
+    );
+    let grown = g.wait_plugged_stable(Duration::from_secs(5), Duration::from_secs(120))?;
+    m.insert("stall_plugged_mib".into(), (grown.plugged / MIB) as f64);
+    ensure!(
+        grown.plugged >= 256 * MIB,
+        "setup: the controller plugged only {} MiB for {PIN_MIB} MiB of data: {}",
+        grown.plugged / MIB,
+        vmm_status(g)?["autosize"]
+    );
+    guest_sh(g, "rm -f /pin/f*[13579]")?;
+    let sum = pinned_sum(g)?;
+    // Below target now: after the hold time the controller shrinks, the guest cannot
+    // unplug, and after the stall bound the controller sets the request back.
+    let t0 = Instant::now();
+    let (st, shrunk_to) = loop {
+        g.console.check_events("a stalled automatic shrink")?;
+        let st = vmm_status(g)?;
+        let decisions = st["autosize"]["decisions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let shrink = decisions
+            .iter()
+            .find(|d| d["to"].as_u64().unwrap_or(0) < d["from"].as_u64().unwrap_or(0));
+        let backed_off = decisions
+            .iter()
+            .any(|d| d["reason"].as_str().is_some_and(|r| r.contains("stalled")));
+        if backed_off || t0.elapsed() > Duration::from_secs(120) {
+            break (st, shrink.and_then(|d| d["to"].as_u64()));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    m.insert("stall_backoff_after_s".into(), secs);
+    let a = &st["autosize"];
+    let Some(shrunk_to) = shrunk_to else {
+        return Err(ScenarioError::Check(format!(
+            "the controller never shrank within 120 s of the guest deleting half its data: {a}"
+        )));
+    };
+    m.insert("stall_shrink_to_mib".into(), (shrunk_to / MIB) as f64);
+    ensure!(
+        a["decisions"].as_array().is_some_and(|d| d
+            .iter()
+            .any(|d| d["reason"].as_str().is_some_and(|r| r.contains("stalled")))),
+        "the shrink to {} MiB did not stall, or the controller did not back off within 120 s: {a}",
+        shrunk_to / MIB
+    );
+    let s = g.sizes()?;
+    m.insert("stall_held_mib".into(), (s.plugged / MIB) as f64);
+    ensure!(
+        s.requested == s.plugged.div_ceil(2 * MIB) * (2 * MIB),
+        "after backing off requested is {} MiB, plugged {} MiB: they should be equal",
+        s.requested / MIB,
+        s.plugged / MIB
+    );
+    let state = a["state"].as_str().unwrap_or("");
+    let reason = a["reason"].as_str().unwrap_or("");
+    ensure!(
+        state == "backing-off" && reason.contains("stall"),
+        "autosize state '{state}' ({reason}), expected backing-off saying the unplug stalled"
+    );
+    ensure!(
+        pinned_sum(g)? == sum,
+        "the ramfs data changed while the controller shrank and backed off"
+    );
+    guest_sh(g, "rm -f /pin/f* && umount /pin")?;
     Ok(())
 }
 
