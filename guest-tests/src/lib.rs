@@ -9,6 +9,7 @@
 //! nested test host (`ci/testhost-run`, see [`host`]).
 
 pub mod agent;
+pub mod autosize_bench;
 pub mod console;
 pub mod guest;
 pub mod host;

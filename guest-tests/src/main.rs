@@ -13,7 +13,7 @@ use guest_tests::qemu::Qemu;
 use guest_tests::runner::{self, Paths, RunOptions};
 use guest_tests::scenarios::{self, Kernel, Scenario};
 use guest_tests::vmm::Vmm;
-use guest_tests::{resize_soak, soak};
+use guest_tests::{autosize_bench, resize_soak, soak};
 
 #[derive(Debug, Parser)]
 #[command(about = "Linux end-to-end virtio-mem scenarios against a VMM")]
@@ -82,6 +82,11 @@ struct Args {
     /// MiB of checksummed data the resize soak writes before each shrink.
     #[arg(long, default_value_t = resize_soak::DEFAULT_DATA_MIB)]
     data_mib: u64,
+    /// Instead of scenarios, replay the automatic sizing bench's workload trace against
+    /// our VMM with --autosize, QEMU with a balloon and our VMM with a static size (one
+    /// --kernel; `ci/autosize-bench`). Samples go to <guest dir>/autosize-bench/.
+    #[arg(long)]
+    autosize_bench: bool,
     /// Leave out this scenario on this kernel, as NAME@KERNEL (repeatable).
     #[arg(long)]
     skip: Vec<String>,
@@ -209,9 +214,12 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if args.soak.is_some() || args.resize_cycles.is_some() {
+    if args.soak.is_some() || args.resize_cycles.is_some() || args.autosize_bench {
         if args.kernel == "all" {
-            eprintln!("guest-tests: --soak and --resize-cycles need one --kernel (6.1 or 6.12)");
+            eprintln!(
+                "guest-tests: --soak, --resize-cycles and --autosize-bench need one --kernel \
+                 (6.1 or 6.12)"
+            );
             return ExitCode::from(2);
         }
         if args.scenario.is_empty() {
@@ -352,6 +360,43 @@ fn main_with(args: Args) -> ExitCode {
             .cloned()
             .collect(),
     };
+    if args.autosize_bench {
+        let Some(&(kernel, sc)) = selected.first() else {
+            return ExitCode::from(2);
+        };
+        let base = runner::spec_for(kernel, sc.boot, &paths, &opts, 0);
+        let out = guest_dir.join("autosize-bench");
+        if let Err(e) = std::fs::create_dir_all(&out) {
+            eprintln!("guest-tests: cannot create {}: {e}", out.display());
+            return ExitCode::from(2);
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let ours = Ours {
+            binary: args
+                .vmm_binary
+                .clone()
+                .unwrap_or_else(|| target.join("debug/vmm")),
+        };
+        let qemu = Qemu {
+            binary: args.qemu.clone(),
+            accel: args.qemu_accel.clone(),
+        };
+        println!(
+            "guest-tests: autosize bench, kernel {}, {} vCPUs, samples in {}",
+            kernel.label(),
+            opts.cpus,
+            out.display()
+        );
+        let ok = autosize_bench::run_all(&ours, &qemu, &base, &paths.logs, &out, args.echo);
+        let _ = std::fs::remove_dir_all(&work);
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     if let Some(cycles) = args.resize_cycles {
         let Some(&(kernel, sc)) = selected.first() else {
             return ExitCode::from(2);
