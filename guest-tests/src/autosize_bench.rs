@@ -487,21 +487,7 @@ mod tests {
 
     #[test]
     fn configs_differ_only_where_they_should() {
-        let base = VmSpec {
-            name: "6.1-movable-0".into(),
-            kernel: "k".into(),
-            initrd: "i".into(),
-            cmdline: "c".into(),
-            boot_mem: 512 * MIB,
-            hotplug_size: 4 * GIB,
-            block_size: 2 * MIB,
-            cpus: 1,
-            balloon: false,
-            autosize: None,
-            kvm_pv_off: Vec::new(),
-            work_dir: std::env::temp_dir(),
-            log_dir: std::env::temp_dir(),
-        };
+        let base = VmSpec::for_tests();
         let a = Config::Autosize.spec(&base);
         let q = Config::QemuBalloon.spec(&base);
         let st = Config::Static.spec(&base);

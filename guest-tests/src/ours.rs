@@ -524,19 +524,8 @@ mod tests {
     #[test]
     fn missing_binary_is_a_spawn_error() {
         let spec = VmSpec {
-            name: "t".into(),
-            kernel: "k".into(),
-            initrd: "i".into(),
-            cmdline: "c".into(),
-            boot_mem: 512 << 20,
             hotplug_size: 1 << 30,
-            block_size: 2 << 20,
-            cpus: 1,
-            balloon: false,
-            autosize: None,
-            kvm_pv_off: Vec::new(),
-            work_dir: std::env::temp_dir(),
-            log_dir: std::env::temp_dir(),
+            ..VmSpec::for_tests()
         };
         let err = Ours {
             binary: "/nonexistent/vmm".into(),

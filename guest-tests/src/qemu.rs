@@ -379,19 +379,8 @@ mod tests {
     #[test]
     fn command_line_has_device_and_sizes() {
         let spec = VmSpec {
-            name: "t".into(),
-            kernel: "k".into(),
-            initrd: "i".into(),
-            cmdline: "console=ttyS0".into(),
-            boot_mem: 512 << 20,
-            hotplug_size: 4 << 30,
-            block_size: 2 << 20,
-            cpus: 1,
-            balloon: false,
-            autosize: None,
             kvm_pv_off: vec!["pv-tlb-flush".into(), "unknown".into()],
-            work_dir: "/tmp".into(),
-            log_dir: "/tmp".into(),
+            ..VmSpec::for_tests()
         };
         let a = Qemu::default()
             .args(&spec, Path::new("/tmp/q.qmp"))

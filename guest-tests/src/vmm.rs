@@ -41,6 +41,29 @@ pub struct VmSpec {
     pub log_dir: PathBuf,
 }
 
+#[cfg(test)]
+impl VmSpec {
+    /// A spec for unit tests: 512 MiB boot RAM, a 4 GiB region of 2 MiB blocks, 1 vCPU,
+    /// nothing else; paths that need not exist.
+    pub(crate) fn for_tests() -> Self {
+        VmSpec {
+            name: "t".into(),
+            kernel: "k".into(),
+            initrd: "i".into(),
+            cmdline: "console=ttyS0".into(),
+            boot_mem: 512 << 20,
+            hotplug_size: 4 << 30,
+            block_size: 2 << 20,
+            cpus: 1,
+            balloon: false,
+            autosize: None,
+            kvm_pv_off: Vec::new(),
+            work_dir: std::env::temp_dir(),
+            log_dir: std::env::temp_dir(),
+        }
+    }
+}
+
 /// The virtio-mem device's sizes as the VMM reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceSizes {
