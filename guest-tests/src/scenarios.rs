@@ -1019,9 +1019,10 @@ fn check_balloon_driver(g: &Guest) -> Result<(), ScenarioError> {
     Ok(())
 }
 
-/// Free page reports are sent in batches of 32 ranges, about a sixteenth of a free list
-/// every 2 s (Linux's `mm/page_reporting.c`: "reporting all pages on an idle system in
-/// about 30 seconds"): 1 GiB of 4 MiB ranges takes 15-20 s whatever the VMM does.
+/// Free page reports come in batches of 32 ranges, 2 s after a free and then as long as
+/// there is more (Linux's `mm/page_reporting.c`). In the test host 80% of 1 GiB is back
+/// within 7-8 s; the bound is loose because it checks that reports are discarded at all,
+/// not how fast (the figure is `fpr_s`).
 const FPR_TIMEOUT: Duration = Duration::from_secs(40);
 
 fn free_page_reporting(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
