@@ -1299,11 +1299,11 @@ fn autosize_stall(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), Scen
         grown.plugged / MIB,
         vmm_status(g)?["autosize"]
     );
+    // Below target from here: after the hold time the controller shrinks, the guest
+    // cannot unplug, and after the stall bound the controller sets the request back.
+    let t0 = Instant::now();
     guest_sh(g, "rm -f /pin/f*[13579]")?;
     let sum = pinned_sum(g)?;
-    // Below target now: after the hold time the controller shrinks, the guest cannot
-    // unplug, and after the stall bound the controller sets the request back.
-    let t0 = Instant::now();
     let (st, shrunk_to) = loop {
         g.console.check_events("a stalled automatic shrink")?;
         let st = vmm_status(g)?;

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use autosize::{Controller, Decision, Keep, Policy, Sample};
-use log::info;
+use log::{debug, info};
 use virtio_mem::{BlockBackend, Interrupt, ResizeState, VirtioMem};
 use vmm_api::{AutosizeDecision, AutosizePolicy, AutosizeStatus, GuestStatsView};
 
@@ -187,7 +187,14 @@ impl Capacity {
 
     fn set_state(&mut self, state: &'static str, reason: String) {
         if state != self.state {
-            info!("autosize: {state}: {reason}");
+            // What an operator must act on is logged at info; the ordinary coming and
+            // going between growing, holding and watching (each second while a workload
+            // grows) at debug: the decisions themselves are logged at info.
+            if matches!(state, "stale" | "stalled" | "backing-off" | "at-limit") {
+                info!("autosize: {state}: {reason}");
+            } else {
+                debug!("autosize: {state}: {reason}");
+            }
         }
         self.state = state;
         self.reason = reason;
@@ -233,7 +240,10 @@ impl Capacity {
             cap,
         };
         let decision = controller.decide(now, sample.as_ref(), device);
-        let backing_off = self.backoff_until.is_some_and(|t| now < t);
+        let backoff_left = self
+            .backoff_until
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+        let backing_off = !backoff_left.is_zero();
         let (to, reason, state) = match decision {
             Decision::Grow(to) => {
                 let s = sample?;
@@ -248,10 +258,7 @@ impl Capacity {
                 )
             }
             Decision::Shrink(_) if backing_off => {
-                self.set_state(
-                    "backing-off",
-                    "an unplug stalled lately: not shrinking yet".into(),
-                );
+                self.set_state("backing-off", backed_off_for(backoff_left));
                 return None;
             }
             Decision::Shrink(to) => {
@@ -268,6 +275,11 @@ impl Capacity {
             }
             Decision::Keep(k) => {
                 let (state, reason) = match k {
+                    // Nothing more pressing to say: the operator keeps seeing why no
+                    // shrink comes for a while.
+                    Keep::OnTarget | Keep::Holding | Keep::RateLimited if backing_off => {
+                        ("backing-off", backed_off_for(backoff_left))
+                    }
                     Keep::StaleStats => (
                         "stale",
                         format!(
@@ -343,6 +355,14 @@ impl Capacity {
             decisions: self.history.iter().cloned().collect(),
         })
     }
+}
+
+/// The state reason while shrinking is held back after a stalled unplug.
+fn backed_off_for(left: Duration) -> String {
+    format!(
+        "an unplug stalled lately: no shrink for {} s more",
+        left.as_secs().max(1)
+    )
 }
 
 #[cfg(test)]
@@ -514,15 +534,25 @@ mod tests {
         assert_eq!(dev.state().requested_size(), 256 * MIB);
         assert!(reason.contains("stalled"), "{reason}");
         assert_eq!(c.status(later).unwrap().state, "backing-off");
-        // Low use for long after that: still no shrink within the back-off.
-        for s in 1..40 {
+        // Low use for long after that: still no shrink within the back-off, and the state
+        // says so all along (not the hold or rate limit the controller sees meanwhile).
+        for s in 1..60 {
             let t = later + Duration::from_secs(s);
             assert_eq!(
                 c.tick(t, sample(t, 768 * MIB, 100 * MIB), &mut dev),
                 None,
                 "{s} s"
             );
+            let st = c.status(t).unwrap();
+            assert_eq!(st.state, "backing-off", "{s} s: {}", st.reason);
+            assert!(st.reason.contains("stalled"), "{s} s: {}", st.reason);
         }
         assert_eq!(dev.state().requested_size(), 256 * MIB);
+        // After it, the shrink comes.
+        let t = later + BACKOFF + Duration::from_secs(1);
+        let (_, to, _) = c
+            .tick(t, sample(t, 768 * MIB, 100 * MIB), &mut dev)
+            .unwrap();
+        assert!(to < 256 * MIB, "{to}");
     }
 }
