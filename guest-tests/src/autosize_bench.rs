@@ -147,6 +147,12 @@ impl Figures {
             / GIB as f64
     }
 
+    /// How long the trace took, s (the workload's writes are slower where memory comes
+    /// late).
+    pub fn trace_s(&self) -> f64 {
+        self.samples.last().map_or(0.0, |s| s.t)
+    }
+
     /// The most host memory held, MiB.
     pub fn peak_mib(&self) -> u64 {
         self.samples.iter().map(|s| s.rss).max().unwrap_or(0) / MIB
@@ -171,10 +177,11 @@ impl Figures {
     /// The summary line of one configuration.
     pub fn line(&self, config: Config) -> String {
         format!(
-            "autosize-bench: config={} host_gib_s={:.1} peak_mib={} write_failures={} \
-             oom_lines={} worst_ready_s={:.2} steps_short_over_2s={}",
+            "autosize-bench: config={} host_gib_s={:.1} trace_s={:.0} peak_mib={} \
+             write_failures={} oom_lines={} worst_ready_s={:.2} steps_short_over_2s={}",
             config.name(),
             self.gib_s(),
+            self.trace_s(),
             self.peak_mib(),
             self.write_failures,
             self.oom_lines,
@@ -268,8 +275,12 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn write(&mut self, n: usize, mib: u64) -> Result<(), ScenarioError> {
-        self.mark(format!("+{mib} MiB"));
+    /// Step `n` of the workload writes `mib` more; `first` marks the start of a growth
+    /// phase on the timeline (one mark per phase keeps the labels readable).
+    fn write(&mut self, n: usize, mib: u64, first: bool) -> Result<(), ScenarioError> {
+        if first {
+            self.mark("grow".into());
+        }
         self.sample()?;
         let out: Vec<String> = self
             .g
@@ -335,7 +346,8 @@ pub fn run(
         let t = Instant::now();
         match *step {
             Step::Write(mib) => {
-                run.write(files, mib)?;
+                let first = i == 0 || !matches!(TRACE[i - 1], Step::Write(_));
+                run.write(files, mib, first)?;
                 files += 1;
             }
             Step::Hold(s) => run.hold(Duration::from_secs(s))?,
@@ -413,14 +425,15 @@ pub fn run_all(
 /// The side-by-side table.
 pub fn table(runs: &[(Config, Figures)]) -> String {
     let mut t = String::from(
-        "config        host GiB*s  peak MiB  write fails  OOM lines  worst ready s  steps > 2 s\n",
+        "config        host GiB*s  trace s  peak MiB  write fails  OOM lines  worst ready s  steps > 2 s\n",
     );
     for (c, f) in runs {
         let _ = writeln!(
             t,
-            "{:<13} {:>10.1}  {:>8}  {:>11}  {:>9}  {:>13.2}  {:>11}",
+            "{:<13} {:>10.1}  {:>7.0}  {:>8}  {:>11}  {:>9}  {:>13.2}  {:>11}",
             c.name(),
             f.gib_s(),
+            f.trace_s(),
             f.peak_mib(),
             f.write_failures,
             f.oom_lines,
