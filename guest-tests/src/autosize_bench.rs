@@ -29,9 +29,9 @@ pub const MAX_PLUG: u64 = 2 * GIB;
 pub const POLICY: &str = "min=0,max=2G,target=60";
 /// Free guest memory (MemAvailable) that counts as "the memory is there" after a demand
 /// step: room for the next 256 MiB step.
-const READY_AVAILABLE: u64 = 256 * MIB;
+pub const READY_AVAILABLE: u64 = 256 * MIB;
 /// How long a step's memory may take to be there before the bench stops waiting.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One step of the trace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
