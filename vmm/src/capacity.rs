@@ -343,6 +343,10 @@ impl Capacity {
                 swap_out: s.swap_out,
                 oom_kills: s.oom_kills,
                 alloc_stalls: s.alloc_stalls,
+                async_scan: s.async_scan,
+                direct_scan: s.direct_scan,
+                async_reclaim: s.async_reclaim,
+                direct_reclaim: s.direct_reclaim,
                 age_ms: u64::try_from(now.saturating_duration_since(at).as_millis())
                     .unwrap_or(u64::MAX),
             });

@@ -261,6 +261,18 @@ pub struct GuestStatsView {
     pub oom_kills: Option<u64>,
     /// Allocation stalls (newer kernels; a count).
     pub alloc_stalls: Option<u64>,
+    /// Pages scanned by kswapd (newer kernels; a count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_scan: Option<u64>,
+    /// Pages scanned in direct reclaim (newer kernels; a count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_scan: Option<u64>,
+    /// Pages reclaimed by kswapd (newer kernels; a count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_reclaim: Option<u64>,
+    /// Pages reclaimed in direct reclaim (newer kernels; a count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_reclaim: Option<u64>,
     /// Milliseconds since they came.
     pub age_ms: u64,
 }

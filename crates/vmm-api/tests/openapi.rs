@@ -58,6 +58,8 @@ impl MemoryControl for Fake {
                     reason: "no statistics yet".into(),
                     stats: Some(GuestStatsView {
                         total: Some(1 << 30),
+                        async_scan: Some(5),
+                        direct_reclaim: Some(3),
                         age_ms: 7,
                         ..GuestStatsView::default()
                     }),
