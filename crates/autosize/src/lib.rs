@@ -48,7 +48,7 @@ pub struct Policy {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     /// A size is not a multiple of the block size.
-    #[error("--autosize {what} {value:#x} is not a multiple of the block size {block:#x}")]
+    #[error("autosize policy: {what} {value:#x} is not a multiple of the block size {block:#x}")]
     Unaligned {
         /// Which option.
         what: &'static str,
@@ -59,7 +59,7 @@ pub enum PolicyError {
     },
     /// min above max, or max beyond the region.
     #[error(
-        "--autosize min {min:#x} and max {max:#x} must satisfy min <= max <= the region \
+        "autosize policy: min {min:#x} and max {max:#x} must satisfy min <= max <= the region \
          ({region:#x})"
     )]
     Range {
@@ -71,7 +71,7 @@ pub enum PolicyError {
         region: u64,
     },
     /// The target is not between 1% and 99%.
-    #[error("--autosize target {0} per mille must be between 10 and 990")]
+    #[error("autosize policy: target {0} per mille must be between 10 and 990")]
     Target(u64),
     /// The block size is zero.
     #[error("block size 0")]
