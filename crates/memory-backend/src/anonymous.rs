@@ -30,7 +30,7 @@ pub unsafe fn discard(addr: NonNull<u8>, len: usize) -> Result<(), MemoryBackend
         return Err(MemoryBackendError::UnalignedRange {
             offset: a,
             len: l,
-            block_size: PAGE_SIZE,
+            unit: PAGE_SIZE,
         });
     }
     // SAFETY: the caller guarantees the range is its own unreferenced private anonymous

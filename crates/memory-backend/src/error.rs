@@ -19,15 +19,16 @@ pub enum MemoryBackendError {
         /// Region-relative start of the range.
         offset: u64,
     },
-    /// The range does not start or end on a block boundary.
-    #[error("range at region offset {offset:#x} length {len:#x} is not aligned to the block size {block_size:#x}")]
+    /// The range does not start or end on a multiple of its unit: the block size for plug
+    /// and unplug, the backing's page size for a discard of free pages.
+    #[error("range at offset {offset:#x} length {len:#x} is not aligned to {unit:#x} bytes (the block size for plug and unplug, the page size for a discard of free pages)")]
     UnalignedRange {
-        /// Region-relative start of the range.
+        /// Start of the range (region-relative, or the address for boot RAM).
         offset: u64,
         /// Length of the range.
         len: u64,
-        /// The region's block size.
-        block_size: u64,
+        /// The alignment it needs.
+        unit: u64,
     },
     /// `offset + len` overflows a 64-bit number.
     #[error("range at region offset {offset:#x} length {len:#x} overflows")]

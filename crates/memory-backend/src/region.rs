@@ -266,7 +266,7 @@ impl MemoryRegion {
             return Err(MemoryBackendError::UnalignedRange {
                 offset,
                 len,
-                block_size: self.layout.block_size(),
+                unit: self.layout.block_size(),
             });
         }
         if end > self.layout.size() {
@@ -412,7 +412,7 @@ impl MemoryRegion {
             return Err(MemoryBackendError::UnalignedRange {
                 offset,
                 len,
-                block_size: page,
+                unit: page,
             });
         }
         if end > self.layout.size() {
@@ -708,7 +708,7 @@ mod tests {
                 matches!(
                     r.plug(off, len),
                     Err(MemoryBackendError::UnalignedRange {
-                        block_size: 0x20_0000,
+                        unit: 0x20_0000,
                         ..
                     })
                 ),
