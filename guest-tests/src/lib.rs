@@ -19,4 +19,5 @@ pub mod resize_soak;
 pub mod runner;
 pub mod scenarios;
 pub mod soak;
+pub mod timeline;
 pub mod vmm;

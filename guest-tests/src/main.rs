@@ -13,7 +13,7 @@ use guest_tests::qemu::Qemu;
 use guest_tests::runner::{self, Paths, RunOptions};
 use guest_tests::scenarios::{self, Kernel, Scenario};
 use guest_tests::vmm::Vmm;
-use guest_tests::{autosize_bench, resize_soak, soak};
+use guest_tests::{autosize_bench, resize_soak, soak, timeline};
 
 #[derive(Debug, Parser)]
 #[command(about = "Linux end-to-end virtio-mem scenarios against a VMM")]
@@ -87,6 +87,11 @@ struct Args {
     /// --kernel; `ci/autosize-bench`). Samples go to <guest dir>/autosize-bench/.
     #[arg(long)]
     autosize_bench: bool,
+    /// Instead of scenarios, plug this many MiB and unplug them again (after writing and
+    /// freeing --data-mib), printing each resize's steps on one clock (one --kernel;
+    /// `ci/resize-timeline`).
+    #[arg(long)]
+    resize_timeline: Option<u64>,
     /// Leave out this scenario on this kernel, as NAME@KERNEL (repeatable).
     #[arg(long)]
     skip: Vec<String>,
@@ -214,11 +219,15 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if args.soak.is_some() || args.resize_cycles.is_some() || args.autosize_bench {
+    if args.soak.is_some()
+        || args.resize_cycles.is_some()
+        || args.autosize_bench
+        || args.resize_timeline.is_some()
+    {
         if args.kernel == "all" {
             eprintln!(
-                "guest-tests: --soak, --resize-cycles and --autosize-bench need one --kernel \
-                 (6.1 or 6.12)"
+                "guest-tests: --soak, --resize-cycles, --autosize-bench and --resize-timeline \
+                 need one --kernel (6.1 or 6.12)"
             );
             return ExitCode::from(2);
         }
@@ -395,6 +404,39 @@ fn main_with(args: Args) -> ExitCode {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
+        };
+    }
+    if let Some(mib) = args.resize_timeline {
+        let Some(&(kernel, sc)) = selected.first() else {
+            return ExitCode::from(2);
+        };
+        let spec = runner::spec_for(kernel, sc.boot, &paths, &opts, 0);
+        println!(
+            "guest-tests: resize timeline, {mib} MiB, {} MiB of data before the unplug, \
+             kernel {}, {} vCPUs, VMM {}, host THP {}",
+            args.data_mib,
+            kernel.label(),
+            opts.cpus,
+            vmm.name(),
+            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+                .unwrap_or_default()
+                .trim()
+        );
+        let result = timeline::run(
+            vmm.as_ref(),
+            &spec,
+            &paths.logs,
+            mib * (1 << 20),
+            args.data_mib,
+            args.echo,
+        );
+        let _ = std::fs::remove_dir_all(&work);
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("resize-timeline: FAILED: {e}");
+                ExitCode::FAILURE
+            }
         };
     }
     if let Some(cycles) = args.resize_cycles {

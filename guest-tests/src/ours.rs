@@ -112,7 +112,11 @@ impl Vmm for Ours {
             .args(&args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                if spec.trace {
+                    "info,vmm=debug,virtio_mem=trace,vmm::devices::virtio_mem=trace".into()
+                } else {
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())
+                },
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

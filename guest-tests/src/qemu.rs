@@ -110,6 +110,15 @@ impl Qemu {
                 "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
             ]);
         }
+        if spec.trace {
+            // Trace lines on stderr as `PID@SECONDS.MICROS:virtio_mem_... args`.
+            a.extend([
+                "-trace".into(),
+                "virtio_mem_*".into(),
+                "-msg".into(),
+                "timestamp=on".into(),
+            ]);
+        }
         a
     }
 }

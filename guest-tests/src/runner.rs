@@ -102,6 +102,7 @@ pub fn spec_for(
         balloon: boot.balloon(),
         autosize: boot.autosize().map(str::to_string),
         kvm_pv_off: opts.kvm_pv_off.clone(),
+        trace: false,
         work_dir: paths.work.clone(),
         log_dir: paths.logs.clone(),
     }

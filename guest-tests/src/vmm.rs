@@ -35,6 +35,9 @@ pub struct VmSpec {
     /// KVM paravirtual features to hide from the guest (our VMM's `--kvm-pv-off` names:
     /// pv-tlb-flush, async-pf-int, ...; QEMU gets the matching `-cpu host,kvm-...=off`).
     pub kvm_pv_off: Vec<String>,
+    /// Have the VMM log each virtio-mem step with a host timestamp (our VMM: debug and
+    /// trace logs; QEMU: its `virtio_mem_*` trace events), for `ci/resize-timeline`.
+    pub trace: bool,
     /// Directory for sockets (a local file system: not a 9p share).
     pub work_dir: PathBuf,
     /// Directory for the VMM's own logs (kept after the run).
@@ -58,6 +61,7 @@ impl VmSpec {
             balloon: false,
             autosize: None,
             kvm_pv_off: Vec::new(),
+            trace: false,
             work_dir: std::env::temp_dir(),
             log_dir: std::env::temp_dir(),
         }

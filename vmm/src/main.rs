@@ -14,7 +14,10 @@ use vmm::cli::{Cli, Command, OnReboot, RunArgs};
 use vmm::exit::ExitReason;
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Microseconds: a resize's steps (ci/resize-timeline) are milliseconds apart.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(&args),

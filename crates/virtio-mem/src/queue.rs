@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use log::{error, warn};
+use log::{debug, error, trace, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions};
 
@@ -253,6 +253,10 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
     }
 
     fn notify_config_change(&mut self) {
+        debug!(
+            "virtio-mem: config change interrupt, requested size {:#x}",
+            self.state.requested_size()
+        );
         if let Err(e) = self.interrupt.signal_config_change() {
             self.state.metrics_mut().queue_errors += 1;
             error!("virtio-mem: cannot signal config change to the guest: {e}");
@@ -337,6 +341,8 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
             let (request, writable) = read_chain(&*mem, chain);
             (head, request, writable)
         };
+        // Trace level: one line per request the guest sends (off unless asked for).
+        trace!("virtio-mem: request {head}: {request:?}");
         let answer = match request {
             Ok(req) => self.state.prepare(req),
             Err(why) => {
@@ -377,6 +383,7 @@ impl<B: BlockBackend, I: Interrupt> VirtioMem<B, I> {
             Prepared::Answered(r) => r,
             Prepared::Work(work) => self.state.commit(work),
         };
+        trace!("virtio-mem: response {head}: {response:?}");
         let mem = space.memory();
         let written = write_response(&*mem, response, &writable);
         let completion = Completion {

@@ -285,6 +285,11 @@ impl VirtioDevice<GuestMemoryHandle> for VirtioMemMmio {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // Trace level: a guest can read as often as it likes (off unless asked for).
+        log::trace!(
+            "virtio-mem: guest reads config at {offset:#x}+{}",
+            data.len()
+        );
         lock(&self.device).read_config(offset, data);
     }
 
