@@ -1177,6 +1177,32 @@ fn autosize_grow(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), Scena
     Ok(())
 }
 
+/// The region's host-resident bytes from a sample taken after `since`, and the status it
+/// came in. `GET /v1/memory` answers at once with its latest sample (and its age) and
+/// only then asks for a new one, so a single GET after a pause gives an old figure.
+fn resident_since(
+    g: &mut Guest,
+    since: Instant,
+) -> Result<(u64, serde_json::Value), ScenarioError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = vmm_status(g)?;
+        let age = Duration::from_millis(st["host_resident_age_ms"].as_u64().unwrap_or(u64::MAX));
+        if let Some(bytes) = st["host_resident_bytes"].as_u64() {
+            if age < since.elapsed() {
+                return Ok((bytes, st));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(ScenarioError::Check(format!(
+                "no host memory sample newer than {:.1} s within 10 s: {st}",
+                since.elapsed().as_secs_f64()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn autosize_shrink(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
     check_balloon_driver(g)?;
     if g.sizes()?.plugged < 512 * MIB {
@@ -1204,6 +1230,7 @@ fn autosize_shrink(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), Sce
         }
         std::thread::sleep(Duration::from_millis(500));
     };
+    let ended = Instant::now();
     let secs = t0.elapsed().as_secs_f64();
     m.insert(
         "autosize_shrink_from_mib".into(),
@@ -1221,10 +1248,8 @@ fn autosize_shrink(g: &mut Guest, _k: Kernel, m: &mut Metrics) -> Result<(), Sce
         t0.elapsed() <= Duration::from_secs(60),
         "plugged memory took {secs:.0} s to return to min, more than 60 s"
     );
-    // The region's host memory falls with it (sampled at most a second ago).
-    std::thread::sleep(Duration::from_millis(1500));
-    let st = vmm_status(g)?;
-    let resident = st["host_resident_bytes"].as_u64().unwrap_or(u64::MAX);
+    // The region's host memory falls with it, in a sample taken after the last unplug.
+    let (resident, st) = resident_since(g, ended)?;
     m.insert(
         "autosize_resident_before_mib".into(),
         (resident_before / MIB) as f64,
