@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
 };
 
 use crate::layout;
@@ -238,24 +239,40 @@ pub enum MemoryError {
     },
 }
 
-/// Allocates `mem_size` bytes of boot RAM laid out by [`layout::ram_ranges`].
+/// Allocates `mem_size` bytes of boot RAM laid out by [`layout::ram_ranges`], each range
+/// aligned to the host's huge page size and advised for transparent huge pages
+/// ([`memory_backend::anonymous::map_guest_ram`]; vm-memory's own mapping is neither).
 ///
 /// # Errors
 ///
 /// [`MemoryError::Allocate`] when the host cannot map it.
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges = layout::ram_ranges(mem_size)
-        .into_iter()
-        .map(|(a, s)| usize::try_from(s).map(|s| (a, s)))
-        .collect::<Result<Vec<(GuestAddress, usize)>, _>>()
-        .map_err(|e| MemoryError::Allocate {
-            size: mem_size,
-            reason: e.to_string(),
-        })?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Allocate {
+    let fail = |reason: String| MemoryError::Allocate {
         size: mem_size,
-        reason: e.to_string(),
-    })
+        reason,
+    };
+    let mut regions = Vec::new();
+    for (gpa, size) in layout::ram_ranges(mem_size) {
+        let len = usize::try_from(size).map_err(|e| fail(e.to_string()))?;
+        let host =
+            memory_backend::anonymous::map_guest_ram(len).map_err(|e| fail(e.to_string()))?;
+        // SAFETY: `[host, host + len)` is a private anonymous read-write mapping made just
+        // now for this range alone and never unmapped (map_guest_ram's contract), so it
+        // stays valid for every view vm-memory builds over it, for the life of the process.
+        let mapping = unsafe {
+            MmapRegion::build_raw(
+                host.as_ptr(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, gpa)
+            .ok_or_else(|| fail(format!("range at {:#x} overflows the address space", gpa.0)))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| fail(e.to_string()))
 }
 
 /// Tracks KVM memslot numbers.
@@ -313,12 +330,35 @@ pub fn register_memslots(
 #[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 mod tests {
     use super::*;
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn memory_matches_layout() {
         let m = create_guest_memory(64 << 20).unwrap();
         assert_eq!(m.num_regions(), 1);
         assert_eq!(m.last_addr(), GuestAddress((64 << 20) - 1));
+    }
+
+    #[test]
+    fn every_huge_page_of_guest_ram_is_a_huge_page_of_host_memory() {
+        // Large enough to split around the 32-bit hole: two ranges.
+        let size = 5 << 30;
+        let m = create_guest_memory(size).unwrap();
+        let ranges = layout::ram_ranges(size);
+        assert_eq!(m.num_regions(), ranges.len());
+        assert!(ranges.len() > 1, "{ranges:?}");
+        for r in m.iter() {
+            let host = r.as_ptr() as u64;
+            let gpa = r.start_addr().0;
+            assert_eq!(
+                host.wrapping_sub(gpa) % (2 << 20),
+                0,
+                "{host:#x} for {gpa:#x}"
+            );
+            let last = r.last_addr();
+            m.write_obj(0xabu8, last).unwrap();
+            assert_eq!(m.read_obj::<u8>(last).unwrap(), 0xab);
+        }
     }
 
     fn tiny() -> GuestMemoryMmap {
