@@ -13,7 +13,7 @@ use guest_tests::qemu::Qemu;
 use guest_tests::runner::{self, Paths, RunOptions};
 use guest_tests::scenarios::{self, Kernel, Scenario};
 use guest_tests::vmm::Vmm;
-use guest_tests::{autosize_bench, resize_soak, soak, timeline};
+use guest_tests::{autosize_bench, resize_bench, resize_soak, soak, timeline};
 
 #[derive(Debug, Parser)]
 #[command(about = "Linux end-to-end virtio-mem scenarios against a VMM")]
@@ -40,7 +40,8 @@ struct Args {
     /// Guest-test directory with images/ (default <root>/target/guest).
     #[arg(long, env = "GUEST_DIR")]
     guest_dir: Option<PathBuf>,
-    /// Our VMM's binary (default <cargo target dir>/debug/vmm).
+    /// Our VMM's binary (default <cargo target dir>/release/vmm: the build users run, and
+    /// the one to hold beside QEMU's optimised binary).
     #[arg(long)]
     vmm_binary: Option<PathBuf>,
     /// QEMU binary.
@@ -92,6 +93,25 @@ struct Args {
     /// `ci/resize-timeline`).
     #[arg(long)]
     resize_timeline: Option<u64>,
+    /// Instead of scenarios, run this many pairs of QEMU and ours: plug --bench-size-mib,
+    /// write and free --data-mib, unplug; then a populated plug of --populate-mib (QEMU
+    /// prealloc=on, ours --populate); print medians, JSON to <guest dir>/resize-bench/ (one
+    /// --kernel; `ci/resize-bench`).
+    #[arg(long)]
+    resize_bench: Option<usize>,
+    /// Plug size of the resize bench (MiB).
+    #[arg(long, default_value_t = 1024)]
+    bench_size_mib: u64,
+    /// Populated plug size of the resize bench (MiB).
+    #[arg(long, default_value_t = 2048)]
+    populate_mib: u64,
+    /// Another build of our VMM for the resize bench, as NAME=PATH (repeatable): a column of
+    /// its own, resize boots only (to tell what a change bought).
+    #[arg(long)]
+    compare_binary: Vec<String>,
+    /// Leave out the resize bench's free page reporting boots (a third of its time).
+    #[arg(long)]
+    no_fpr: bool,
     /// Leave out this scenario on this kernel, as NAME@KERNEL (repeatable).
     #[arg(long)]
     skip: Vec<String>,
@@ -223,11 +243,12 @@ fn main() -> ExitCode {
         || args.resize_cycles.is_some()
         || args.autosize_bench
         || args.resize_timeline.is_some()
+        || args.resize_bench.is_some()
     {
         if args.kernel == "all" {
             eprintln!(
-                "guest-tests: --soak, --resize-cycles, --autosize-bench and --resize-timeline \
-                 need one --kernel (6.1 or 6.12)"
+                "guest-tests: --soak, --resize-cycles, --autosize-bench, --resize-timeline and \
+                 --resize-bench need one --kernel (6.1 or 6.12)"
             );
             return ExitCode::from(2);
         }
@@ -303,22 +324,22 @@ fn main_with(args: Args) -> ExitCode {
         };
     }
 
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let ours = Ours {
+        binary: args
+            .vmm_binary
+            .clone()
+            .unwrap_or_else(|| target.join("release/vmm")),
+    };
+    let qemu = Qemu {
+        binary: args.qemu.clone(),
+        accel: args.qemu_accel.clone(),
+    };
     let vmm: Box<dyn Vmm> = match args.vmm.as_str() {
-        "qemu" => Box::new(Qemu {
-            binary: args.qemu.clone(),
-            accel: args.qemu_accel.clone(),
-        }),
-        "ours" => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            Box::new(Ours {
-                binary: args
-                    .vmm_binary
-                    .clone()
-                    .unwrap_or_else(|| target.join("debug/vmm")),
-            })
-        }
+        "qemu" => Box::new(qemu.clone()),
+        "ours" => Box::new(ours.clone()),
         v => {
             eprintln!("guest-tests: unknown --vmm '{v}' (qemu, ours)");
             return ExitCode::from(2);
@@ -379,19 +400,6 @@ fn main_with(args: Args) -> ExitCode {
             eprintln!("guest-tests: cannot create {}: {e}", out.display());
             return ExitCode::from(2);
         }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        let ours = Ours {
-            binary: args
-                .vmm_binary
-                .clone()
-                .unwrap_or_else(|| target.join("debug/vmm")),
-        };
-        let qemu = Qemu {
-            binary: args.qemu.clone(),
-            accel: args.qemu_accel.clone(),
-        };
         println!(
             "guest-tests: autosize bench, kernel {}, {} vCPUs, samples in {}",
             kernel.label(),
@@ -399,6 +407,75 @@ fn main_with(args: Args) -> ExitCode {
             out.display()
         );
         let ok = autosize_bench::run_all(&ours, &qemu, &base, &paths.logs, &out, args.echo);
+        let _ = std::fs::remove_dir_all(&work);
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    if let Some(pairs) = args.resize_bench {
+        let Some(&(kernel, sc)) = selected.first() else {
+            return ExitCode::from(2);
+        };
+        let base = runner::spec_for(kernel, sc.boot, &paths, &opts, 0);
+        // The guest directory: the test host can write there.
+        let out = guest_dir.join("resize-bench");
+        if let Err(e) = std::fs::create_dir_all(&out) {
+            eprintln!("guest-tests: cannot create {}: {e}", out.display());
+            return ExitCode::from(2);
+        }
+        let plan = resize_bench::Plan {
+            pairs,
+            size: args.bench_size_mib << 20,
+            data_mib: args.data_mib,
+            populate: args.populate_mib << 20,
+            fpr: !args.no_fpr,
+        };
+        println!(
+            "guest-tests: resize bench, {pairs} pairs, kernel {}, {} vCPUs, {} MiB boot RAM, \
+             {} MiB blocks, anon backing, host THP {}, ours {}",
+            kernel.label(),
+            opts.cpus,
+            base.boot_mem >> 20,
+            base.block_size >> 20,
+            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+                .unwrap_or_default()
+                .trim(),
+            ours.binary.display()
+        );
+        let mut compared = Vec::new();
+        for c in &args.compare_binary {
+            let Some((name, path)) = c.split_once('=') else {
+                eprintln!("guest-tests: --compare-binary takes NAME=PATH, not '{c}'");
+                return ExitCode::from(2);
+            };
+            compared.push((
+                name.to_string(),
+                Ours {
+                    binary: PathBuf::from(path),
+                },
+            ));
+        }
+        let mut entries = vec![
+            resize_bench::Entry {
+                vmm: &qemu,
+                name: "qemu",
+                full: true,
+            },
+            resize_bench::Entry {
+                vmm: &ours,
+                name: "ours",
+                full: true,
+            },
+        ];
+        entries.extend(compared.iter().map(|(name, o)| resize_bench::Entry {
+            vmm: o,
+            name,
+            full: false,
+        }));
+        let json = out.join(format!("resize-bench-{}.json", kernel.label()));
+        let ok = resize_bench::run_all(&entries, &base, &paths.logs, &json, &plan, args.echo);
         let _ = std::fs::remove_dir_all(&work);
         return if ok {
             ExitCode::SUCCESS

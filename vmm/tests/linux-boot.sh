@@ -17,7 +17,7 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 IMAGES=${GUEST_DIR:-$ROOT/target/guest}/images
-VMM=${CARGO_TARGET_DIR:-$ROOT/target}/debug/vmm
+VMM=${CARGO_TARGET_DIR:-$ROOT/target}/release/vmm
 QEMU=0
 cases=()
 while [ $# -gt 0 ]; do
