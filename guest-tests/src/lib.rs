@@ -15,6 +15,7 @@ pub mod guest;
 pub mod host;
 pub mod ours;
 pub mod qemu;
+pub mod resize_bench;
 pub mod resize_soak;
 pub mod runner;
 pub mod scenarios;

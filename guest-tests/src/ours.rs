@@ -62,6 +62,9 @@ impl Ours {
         if let Some(policy) = &spec.autosize {
             a.push(format!("--autosize={policy}"));
         }
+        if spec.populate {
+            a.push("--populate=on".into());
+        }
         a
     }
 }
@@ -101,7 +104,7 @@ impl Vmm for Ours {
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmmProcess>, VmmError> {
         let socket = spec.work_dir.join(format!("{}.api", spec.name));
         let _ = std::fs::remove_file(&socket);
-        let stderr_path = spec.log_dir.join(format!("{}.vmm-stderr.log", spec.name));
+        let stderr_path = spec.stderr_log("vmm");
         let stderr = File::create(&stderr_path).map_err(|source| VmmError::Spawn {
             binary: format!("(stderr log {})", stderr_path.display()),
             source,
@@ -523,6 +526,25 @@ mod tests {
             (o, c.as_str()),
             ("kernel", "a memhp_default_state=online_kernel")
         );
+    }
+
+    #[test]
+    fn populate_asks_for_it() {
+        let ours = Ours {
+            binary: "vmm".into(),
+        };
+        let sock = Path::new("/tmp/s");
+        assert!(!ours
+            .args(&VmSpec::for_tests(), sock)
+            .iter()
+            .any(|a| a.starts_with("--populate")));
+        let spec = VmSpec {
+            populate: true,
+            ..VmSpec::for_tests()
+        };
+        assert!(ours
+            .args(&spec, sock)
+            .contains(&"--populate=on".to_string()));
     }
 
     #[test]

@@ -100,8 +100,9 @@ impl Qemu {
             ),
             "-device".into(),
             format!(
-                "virtio-mem-pci,id={DEVICE_ID},memdev=vmem0-mem,block-size={}M,requested-size=0",
-                mib(spec.block_size)
+                "virtio-mem-pci,id={DEVICE_ID},memdev=vmem0-mem,block-size={}M,requested-size=0{}",
+                mib(spec.block_size),
+                if spec.populate { ",prealloc=on" } else { "" }
             ),
         ]);
         if spec.balloon {
@@ -131,7 +132,7 @@ impl Vmm for Qemu {
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn VmmProcess>, VmmError> {
         let qmp_path = spec.work_dir.join(format!("{}.qmp", spec.name));
         let _ = std::fs::remove_file(&qmp_path);
-        let stderr_path = spec.log_dir.join(format!("{}.qemu-stderr.log", spec.name));
+        let stderr_path = spec.stderr_log("qemu");
         let stderr = File::create(&stderr_path).map_err(|source| VmmError::Spawn {
             binary: format!("(stderr log {})", stderr_path.display()),
             source,
@@ -402,5 +403,14 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-cpu host"), "{a}");
+        assert!(!a.contains("prealloc"), "{a}");
+        let spec = VmSpec {
+            populate: true,
+            ..VmSpec::for_tests()
+        };
+        let a = Qemu::default()
+            .args(&spec, Path::new("/tmp/q.qmp"))
+            .join(" ");
+        assert!(a.contains("requested-size=0,prealloc=on"), "{a}");
     }
 }

@@ -103,6 +103,7 @@ pub fn spec_for(
         autosize: boot.autosize().map(str::to_string),
         kvm_pv_off: opts.kvm_pv_off.clone(),
         trace: false,
+        populate: false,
         work_dir: paths.work.clone(),
         log_dir: paths.logs.clone(),
     }

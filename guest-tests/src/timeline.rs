@@ -228,11 +228,7 @@ pub fn run(
     let mut spec = spec.clone();
     spec.trace = true;
     let qemu = vmm.name() == "qemu";
-    let stderr: PathBuf = spec.log_dir.join(format!(
-        "{}.{}-stderr.log",
-        spec.name,
-        if qemu { "qemu" } else { "vmm" }
-    ));
+    let stderr: PathBuf = spec.stderr_log(if qemu { "qemu" } else { "vmm" });
     let log = logs.join(format!("{}-{}-timeline.log", vmm.name(), spec.name));
     let mut g = Guest::boot(vmm, &spec, &log, echo)?;
     let out: Vec<String> = g
@@ -259,6 +255,11 @@ pub fn run(
     }
     print!("{}", one(&mut g, &stderr, qemu, "unplug", 0)?);
     g.shutdown();
+    // Keep the trace with the other logs (it was written to the local work directory).
+    let kept = spec.log_dir.join(stderr.file_name().unwrap_or_default());
+    if let Err(e) = std::fs::copy(&stderr, &kept) {
+        println!("resize-timeline: cannot keep {}: {e}", stderr.display());
+    }
     Ok(())
 }
 

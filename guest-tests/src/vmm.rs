@@ -38,6 +38,9 @@ pub struct VmSpec {
     /// Have the VMM log each virtio-mem step with a host timestamp (our VMM: debug and
     /// trace logs; QEMU: its `virtio_mem_*` trace events), for `ci/resize-timeline`.
     pub trace: bool,
+    /// Fault host memory in when the guest plugs it, before the answer (our VMM's
+    /// `--populate=on`; QEMU's `virtio-mem-pci,prealloc=on`).
+    pub populate: bool,
     /// Directory for sockets (a local file system: not a 9p share).
     pub work_dir: PathBuf,
     /// Directory for the VMM's own logs (kept after the run).
@@ -62,9 +65,24 @@ impl VmSpec {
             autosize: None,
             kvm_pv_off: Vec::new(),
             trace: false,
+            populate: false,
             work_dir: std::env::temp_dir(),
             log_dir: std::env::temp_dir(),
         }
+    }
+}
+
+impl VmSpec {
+    /// Where the VMM `vmm` (`qemu`, `vmm`) writes its stderr. With `trace` that is the
+    /// work directory, a local tmpfs: in the test host the log directory is a 9p share,
+    /// and a write there per traced step would slow down the very path being traced.
+    pub fn stderr_log(&self, vmm: &str) -> PathBuf {
+        let dir = if self.trace {
+            &self.work_dir
+        } else {
+            &self.log_dir
+        };
+        dir.join(format!("{}.{vmm}-stderr.log", self.name))
     }
 }
 
@@ -217,6 +235,24 @@ mod tests {
         let t = "55d0-7ff [rollup]\nRss:              123456 kB\nPss:  1 kB\n";
         assert_eq!(parse_rss_kb(t), Some(123456));
         assert_eq!(parse_rss_kb("Pss: 1 kB"), None);
+    }
+
+    #[test]
+    fn a_traced_vmm_logs_to_the_local_work_directory() {
+        let mut spec = VmSpec {
+            work_dir: "/tmp/w".into(),
+            log_dir: "/share/logs".into(),
+            ..VmSpec::for_tests()
+        };
+        assert_eq!(
+            spec.stderr_log("vmm"),
+            PathBuf::from("/share/logs/t.vmm-stderr.log")
+        );
+        spec.trace = true;
+        assert_eq!(
+            spec.stderr_log("qemu"),
+            PathBuf::from("/tmp/w/t.qemu-stderr.log")
+        );
     }
 
     #[test]
