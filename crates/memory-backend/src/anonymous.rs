@@ -1,6 +1,7 @@
-//! Host memory the VMM maps itself as private anonymous memory (boot RAM, through
-//! vm-memory), rather than through a [`MemoryRegion`](crate::MemoryRegion): giving back
-//! what the guest reported free.
+//! Host memory the VMM maps as plain private anonymous memory (boot RAM, which vm-memory
+//! then views), rather than through a [`MemoryRegion`](crate::MemoryRegion): mapping it
+//! so that the guest's huge pages can be the host's ([`map_guest_ram`]), and giving back
+//! what the guest reported free ([`discard`]).
 
 use std::ptr::NonNull;
 
