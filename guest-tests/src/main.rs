@@ -407,12 +407,7 @@ fn main_with(args: Args) -> ExitCode {
             out.display()
         );
         let ok = autosize_bench::run_all(&ours, &qemu, &base, &paths.logs, &out, args.echo);
-        let _ = std::fs::remove_dir_all(&work);
-        return if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+        return finish(&work, ok);
     }
     if let Some(pairs) = args.resize_bench {
         let Some(&(kernel, sc)) = selected.first() else {
@@ -439,9 +434,7 @@ fn main_with(args: Args) -> ExitCode {
             opts.cpus,
             base.boot_mem >> 20,
             base.block_size >> 20,
-            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-                .unwrap_or_default()
-                .trim(),
+            runner::host_thp(),
             ours.binary.display()
         );
         let mut compared = Vec::new();
@@ -476,12 +469,7 @@ fn main_with(args: Args) -> ExitCode {
         }));
         let json = out.join(format!("resize-bench-{}.json", kernel.label()));
         let ok = resize_bench::run_all(&entries, &base, &paths.logs, &json, &plan, args.echo);
-        let _ = std::fs::remove_dir_all(&work);
-        return if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+        return finish(&work, ok);
     }
     if let Some(mib) = args.resize_timeline {
         let Some(&(kernel, sc)) = selected.first() else {
@@ -495,9 +483,7 @@ fn main_with(args: Args) -> ExitCode {
             kernel.label(),
             opts.cpus,
             vmm.name(),
-            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-                .unwrap_or_default()
-                .trim()
+            runner::host_thp()
         );
         let result = timeline::run(
             vmm.as_ref(),
@@ -571,12 +557,7 @@ fn main_with(args: Args) -> ExitCode {
         );
         let boots = soak::run(vmm.as_ref(), &spec, &paths.logs, boots, args.echo);
         print!("{}", soak::summary(&boots));
-        let _ = std::fs::remove_dir_all(&work);
-        return if boots.iter().all(|b| b.failure.is_none()) {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+        return finish(&work, boots.iter().all(|b| b.failure.is_none()));
     }
     let t = Instant::now();
     let results = runner::run(vmm.as_ref(), &selected, &paths, &opts);
@@ -597,8 +578,14 @@ fn main_with(args: Args) -> ExitCode {
         Ok(p) => println!("guest-tests: results in {}", p.display()),
         Err(e) => eprintln!("guest-tests: cannot write results: {e}"),
     }
-    let _ = std::fs::remove_dir_all(&work);
-    if results.iter().all(|r| r.passed) {
+    finish(&work, results.iter().all(|r| r.passed))
+}
+
+/// Removes the run's work directory and gives the exit status of a run that `ok` says
+/// passed or not.
+fn finish(work: &std::path::Path, ok: bool) -> ExitCode {
+    let _ = std::fs::remove_dir_all(work);
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -496,9 +496,7 @@ pub fn run_all(
         "boot_mem_bytes": base.boot_mem,
         "block_size_bytes": base.block_size,
         "cpus": base.cpus,
-        "host_thp": std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-            .unwrap_or_default()
-            .trim(),
+        "host_thp": crate::runner::host_thp(),
         "runs": runs,
     });
     match serde_json::to_string_pretty(&doc) {

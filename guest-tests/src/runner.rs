@@ -351,12 +351,18 @@ pub fn package_versions(guest_dir: &Path) -> Vec<String> {
     v
 }
 
+/// The host's transparent huge page mode as sysfs shows it (`always [madvise] never`), or
+/// `unknown`.
+pub fn host_thp() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// Prints the summary table.
 pub fn print_summary(results: &[ScenarioResult], total_s: f64, where_ran: &str) {
     println!();
-    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .map(|t| t.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
+    let thp = host_thp();
     let backing = match results.first().map(|r| r.vmm.as_str()) {
         Some("qemu") => "QEMU memory-backend-ram: private anonymous, THP-advised",
         _ => "the VMM's default backing",
