@@ -33,18 +33,27 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 
-# The heartbeat: a line every 2 s on the second serial port (ttyS1), from a process that
-# is not the command, so ci/testhost-run can tell a hung test host (no heartbeat) from a
-# command that is only quiet (heartbeat goes on).
+# The heartbeat: a line every 2 s on the second serial port (ttyS1) from each L1 CPU, by
+# a loop pinned to that CPU that is not the command, so ci/testhost-run can tell a hung
+# test host (no CPU beats) from a command that is only quiet (the beats go on), and one
+# CPU of L1 that stopped (its timer lost: that CPU's beats stop, the others' go on) from
+# both. Each line carries the CPU, L1's uptime and load, and how many bytes L1's console
+# UART (ttyS0, which carries the command's output) has sent and received.
 if [ -c /dev/ttyS1 ]; then
-    (
-        while :; do
-            read -r up _ </proc/uptime
-            read -r l1 l5 _ </proc/loadavg
-            echo "hb uptime=$up load=$l1"
-            sleep 2
-        done
-    ) >/dev/ttyS1 2>&1 &
+    ncpu=$(grep -c '^processor' /proc/cpuinfo)
+    cpu=0
+    while [ "$cpu" -lt "$ncpu" ]; do
+        # shellcheck disable=SC2016
+        taskset "$(printf '%x' $((1 << cpu)))" sh -c '
+            while :; do
+                read -r up _ </proc/uptime
+                read -r l1 _ </proc/loadavg
+                uart=$(grep "^0:" /proc/tty/driver/serial 2>/dev/null | grep -o "[tr]x:[0-9]*" | tr "\n" " ")
+                echo "hb cpu=$1 uptime=$up load=$l1 ttyS0 $uart"
+                sleep 2
+            done' hb "$cpu" >/dev/ttyS1 2>&1 &
+        cpu=$((cpu + 1))
+    done
 fi
 
 while read -r name status; do
