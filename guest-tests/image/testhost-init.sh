@@ -23,6 +23,7 @@ status_file=""
 rw=""
 keep=""
 kvm_amd_opts=""
+pin=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     th.script=*) script=${arg#th.script=} ;;
@@ -30,7 +31,14 @@ for arg in $(cat /proc/cmdline); do
     th.rw=*) rw=${arg#th.rw=} ;;
     th.keep=*) keep=${arg#th.keep=} ;;
     th.kvm_amd=*) kvm_amd_opts=$(echo "${arg#th.kvm_amd=}" | tr ',' ' ') ;;
+    th.pin=*) pin=${arg#th.pin=} ;;
     esac
+done
+
+# The kernel booted on one CPU (maxcpus=1, so that nothing ran the code it rewrote while
+# booting); the others come up now, before anything runs on them.
+for cpu in /sys/devices/system/cpu/cpu[0-9]*; do
+    [ -f "$cpu/online" ] && [ "$(cat "$cpu/online")" = 0 ] && echo 1 >"$cpu/online"
 done
 
 # The heartbeat: a line every 2 s on the second serial port (ttyS1) from each L1 CPU, by
@@ -64,7 +72,7 @@ while read -r name status; do
     # shellcheck disable=SC2086
     insmod "/lib/modules/$name.ko" $opts || echo "TESTHOST-WARN insmod $name $opts failed"
 done </etc/modules
-[ -n "$kvm_amd_opts" ] && echo "TESTHOST-INFO kvm_amd $kvm_amd_opts"
+echo "TESTHOST-INFO kernel=$(uname -r) cpus=$(grep -c "^processor" /proc/cpuinfo) kvm_amd: ${kvm_amd_opts:-defaults}"
 [ -n "$script" ] || fail "no th.script= on the kernel command line"
 
 mkdir -p /host /orig
@@ -102,6 +110,19 @@ for path in $(echo "$rw" | tr ':' ' '); do
 done
 
 [ -c /host/dev/kvm ] || echo "TESTHOST-WARN /dev/kvm missing after loading kvm_amd"
+
+# Hold KVM's APIC static keys on before any guest starts (ci/testhost-run says why); its
+# ready line comes once they are held.
+if [ -n "$pin" ]; then
+    chroot /host "$pin" >/pin.out 2>&1 &
+    i=0
+    while ! grep -q "pinned" /pin.out && [ "$i" -lt 100 ] && kill -0 $! 2>/dev/null; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    grep -q "pinned" /pin.out || echo "TESTHOST-WARN kvm static keys not pinned: $(cat /pin.out)"
+    cat /pin.out
+fi
 
 chroot /host /bin/bash "$script"
 status=$?
