@@ -12,6 +12,8 @@
 //! exception in interrupt"). With this VM alive both keys stay on, so guests coming and
 //! going only move their counts and L1's code is never rewritten. See
 //! guest-tests/README.md, "Why L1 died".
+//!
+//! `--toggle SECONDS` is the reproducer: it makes L1 rewrite that code every 1.5 s.
 
 use std::process::ExitCode;
 
@@ -69,9 +71,48 @@ fn pin() -> Result<std::convert::Infallible, PinError> {
     }
 }
 
+/// The reproducer (`--toggle SECONDS`): creates and destroys a VM with one vCPU every
+/// 1.5 s, which without the pin turns `apic_sw_disabled` on and off each time, so L1's
+/// code is rewritten while guests run. Without the pin L1 died within 30 s in each of
+/// four runs beside a guest soak; with it, none did.
+fn toggle(seconds: u64) -> Result<u64, PinError> {
+    let kvm = Kvm::new().map_err(PinError::Kvm)?;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut cycles = 0;
+    while std::time::Instant::now() < end {
+        {
+            let vm = kvm.create_vm().map_err(PinError::Vm)?;
+            vm.create_irq_chip().map_err(PinError::Irqchip)?;
+            let _vcpu = vm.create_vcpu(0).map_err(PinError::Vcpu)?;
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        cycles += 1;
+        // Past the key's one-second rate limit, so that each destroy rewrites the code.
+        std::thread::sleep(std::time::Duration::from_millis(1300));
+    }
+    Ok(cycles)
+}
+
 fn main() -> ExitCode {
-    match pin() {
-        Ok(never) => match never {},
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.as_slice() {
+        [] => pin().map(|never| match never {}),
+        [flag, seconds] if flag == "--toggle" => match seconds.parse() {
+            Ok(s) => {
+                toggle(s).map(|n| println!("testhost-pin-kvm-keys: {n} VMs created and destroyed"))
+            }
+            Err(_) => {
+                eprintln!("testhost-pin-kvm-keys: --toggle takes a number of seconds");
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            eprintln!("usage: testhost-pin-kvm-keys [--toggle SECONDS]");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("testhost-pin-kvm-keys: {e}");
             ExitCode::FAILURE
