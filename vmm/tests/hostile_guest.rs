@@ -294,6 +294,15 @@ fn entropy_device_writes_while_virtio_mem_unplugs() {
         assert_eq!(mem_driver.response(RESP), Response::Ack(None));
         mem_driver.used();
     }
+    // The block is plugged now: two more whole rounds must fill buffers there, whatever the
+    // thread's timing beside the cycles was (a run of this 2-core machine once had every
+    // round meet the block unplugged).
+    let plugged_from = rounds.load(Ordering::Relaxed);
+    while rounds.load(Ordering::Relaxed) < plugged_from + 2
+        && std::time::Instant::now() < deadline + std::time::Duration::from_secs(10)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     stop.store(true, Ordering::Relaxed);
     let served = filler.join().unwrap();
     let rounds = rounds.load(Ordering::Relaxed);
