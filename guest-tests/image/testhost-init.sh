@@ -40,6 +40,7 @@ done
 for cpu in /sys/devices/system/cpu/cpu[0-9]*; do
     [ -f "$cpu/online" ] && [ "$(cat "$cpu/online")" = 0 ] && echo 1 >"$cpu/online"
 done
+ncpu=$(grep -c '^processor' /proc/cpuinfo)
 
 # The heartbeat: a line every 2 s on the second serial port (ttyS1) from each L1 CPU, by
 # a loop pinned to that CPU that is not the command, so ci/testhost-run can tell a hung
@@ -48,7 +49,6 @@ done
 # both. Each line carries the CPU, L1's uptime and load, and how many bytes L1's console
 # UART (ttyS0, which carries the command's output) has sent and received.
 if [ -c /dev/ttyS1 ]; then
-    ncpu=$(grep -c '^processor' /proc/cpuinfo)
     cpu=0
     while [ "$cpu" -lt "$ncpu" ]; do
         # shellcheck disable=SC2016
@@ -72,7 +72,7 @@ while read -r name status; do
     # shellcheck disable=SC2086
     insmod "/lib/modules/$name.ko" $opts || echo "TESTHOST-WARN insmod $name $opts failed"
 done </etc/modules
-echo "TESTHOST-INFO kernel=$(uname -r) cpus=$(grep -c "^processor" /proc/cpuinfo) kvm_amd: ${kvm_amd_opts:-defaults}"
+echo "TESTHOST-INFO kernel=$(uname -r) cpus=$ncpu kvm_amd: ${kvm_amd_opts:-defaults}"
 [ -n "$script" ] || fail "no th.script= on the kernel command line"
 
 mkdir -p /host /orig

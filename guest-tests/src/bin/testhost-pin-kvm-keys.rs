@@ -18,7 +18,7 @@
 use std::process::ExitCode;
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 /// The local APIC's base address MSR.
 const MSR_IA32_APICBASE: u32 = 0x1b;
@@ -45,13 +45,19 @@ enum PinError {
     ApicBaseRefused(usize),
 }
 
-fn pin() -> Result<std::convert::Infallible, PinError> {
-    let kvm = Kvm::new().map_err(PinError::Kvm)?;
+/// A VM with an in-kernel interrupt controller and one vCPU that has not run. Creating
+/// the vCPU turns apic_sw_disabled on: its APIC is software-disabled at reset.
+fn vm_with_one_vcpu(kvm: &Kvm) -> Result<(VmFd, VcpuFd), PinError> {
     let vm = kvm.create_vm().map_err(PinError::Vm)?;
     vm.create_irq_chip().map_err(PinError::Irqchip)?;
-    // Creating the vCPU with an in-kernel APIC turns apic_sw_disabled on: its APIC is
-    // software-disabled at reset and stays so, since the vCPU never runs.
     let vcpu = vm.create_vcpu(0).map_err(PinError::Vcpu)?;
+    Ok((vm, vcpu))
+}
+
+fn pin() -> Result<std::convert::Infallible, PinError> {
+    let kvm = Kvm::new().map_err(PinError::Kvm)?;
+    // The vCPU never runs, so its APIC stays software-disabled.
+    let (vm, vcpu) = vm_with_one_vcpu(&kvm)?;
     let msrs = Msrs::from_entries(&[kvm_msr_entry {
         index: MSR_IA32_APICBASE,
         data: APIC_BASE_DISABLED,
@@ -81,9 +87,7 @@ fn toggle(seconds: u64) -> Result<u64, PinError> {
     let mut cycles = 0;
     while std::time::Instant::now() < end {
         {
-            let vm = kvm.create_vm().map_err(PinError::Vm)?;
-            vm.create_irq_chip().map_err(PinError::Irqchip)?;
-            let _vcpu = vm.create_vcpu(0).map_err(PinError::Vcpu)?;
+            let _vm = vm_with_one_vcpu(&kvm)?;
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
         cycles += 1;
