@@ -1,13 +1,15 @@
-//! The Linux x86 boot protocol: load the bzImage and initrd, write the command line and
-//! the zero page (`boot_params`) with an e820 map of boot RAM only.
+//! The Linux x86 boot protocol: load the kernel (a bzImage, or an uncompressed ELF
+//! `vmlinux`) and the initrd, write the command line and the zero page (`boot_params`) with
+//! an e820 map of boot RAM only.
 
 use std::fs::File;
+use std::io::{Read, Seek};
 use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::{load_cmdline, BzImage, Cmdline, KernelLoader};
+use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
 
 use crate::layout::{
@@ -27,8 +29,8 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel is not a bzImage or does not fit.
-    #[error("cannot load kernel {path} (is it an x86 bzImage that fits in guest RAM?): {reason}")]
+    /// The kernel is neither a bzImage nor an x86-64 ELF `vmlinux`, or does not fit.
+    #[error("cannot load kernel {path} (is it an x86 bzImage or an x86-64 ELF vmlinux that fits in guest RAM?): {reason}")]
     KernelLoad {
         /// The path.
         path: String,
@@ -69,6 +71,16 @@ pub enum BootError {
     },
 }
 
+/// The kernel image formats `--kernel` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A bzImage (`/boot/vmlinuz-*`): the kernel decompresses itself in guest memory.
+    BzImage,
+    /// An uncompressed x86-64 ELF `vmlinux`: its segments go straight to their physical
+    /// addresses, so the guest neither decompresses nor touches a compressed copy.
+    Elf,
+}
+
 /// What the vCPU setup needs from the loaded kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadedKernel {
@@ -76,8 +88,11 @@ pub struct LoadedKernel {
     pub entry: u64,
     /// End of the loaded image.
     pub end: u64,
-    /// The bzImage's setup header, the base of the zero page.
+    /// The setup header, the base of the zero page: the bzImage's own, or for an ELF
+    /// kernel (which has none) the fields the 64-bit boot protocol reads.
     pub header: setup_header,
+    /// What was loaded.
+    pub format: KernelFormat,
 }
 
 /// e820 entry types.
@@ -86,7 +101,32 @@ const E820_RESERVED: u32 = 2;
 /// Offset of the 64-bit entry point from the protected-mode kernel start.
 const STARTUP_64_OFFSET: u64 = 0x200;
 
-/// Loads the bzImage at `path`.
+/// `"HdrS"`, the setup header's magic.
+const HDR_MAGIC: u32 = 0x5372_6448;
+/// The alignment an x86-64 kernel is built for (`CONFIG_PHYSICAL_ALIGN` of distro kernels).
+const KERNEL_ALIGNMENT: u32 = 0x0100_0000;
+/// `e_machine` of x86-64.
+const EM_X86_64: u16 = 62;
+
+/// The format of a kernel image from its first 20 bytes (`ident`): ELF files must be
+/// 64-bit x86 (the reason is returned otherwise); anything else is taken for a bzImage,
+/// which its loader checks.
+fn kernel_format(ident: &[u8]) -> Result<KernelFormat, &'static str> {
+    if ident.get(..4) != Some(b"\x7fELF".as_slice()) {
+        return Ok(KernelFormat::BzImage);
+    }
+    match (ident.get(4), ident.get(18..20)) {
+        (Some(2), Some(&[lo, hi])) if u16::from_le_bytes([lo, hi]) == EM_X86_64 => {
+            Ok(KernelFormat::Elf)
+        }
+        (Some(2), Some(_)) => Err("an ELF file for another architecture than x86-64"),
+        (Some(_), Some(_)) => Err("a 32-bit ELF file"),
+        _ => Err("a truncated ELF file"),
+    }
+}
+
+/// Loads the kernel at `path`: a bzImage, or an x86-64 ELF `vmlinux` (what Firecracker
+/// and Cloud Hypervisor boot), told apart by the file's first bytes.
 ///
 /// # Errors
 ///
@@ -97,6 +137,22 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         path: p.clone(),
         source,
     })?;
+    let mut ident = Vec::with_capacity(20);
+    (&mut f)
+        .take(20)
+        .read_to_end(&mut ident)
+        .and_then(|_| f.rewind())
+        .map_err(|source| BootError::KernelOpen {
+            path: p.clone(),
+            source,
+        })?;
+    let format = kernel_format(&ident).map_err(|reason| BootError::KernelLoad {
+        path: p.clone(),
+        reason: reason.into(),
+    })?;
+    if format == KernelFormat::Elf {
+        return load_elf(mem, &mut f, p);
+    }
     let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(|e| {
         BootError::KernelLoad {
             path: p.clone(),
@@ -111,6 +167,31 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         entry: r.kernel_load.raw_value() + STARTUP_64_OFFSET,
         end: r.kernel_end,
         header,
+        format: KernelFormat::BzImage,
+    })
+}
+
+/// Loads an ELF `vmlinux` at its segments' physical addresses. Its entry (`e_entry`,
+/// `phys_startup_64`) is the 64-bit boot protocol's entry of the kernel proper, so the
+/// vCPU setup is the bzImage's. The kernel runs where it was linked (16 MiB for distro
+/// kernels): the physical KASLR of a bzImage is the decompressor's work and does not
+/// happen (the kernel still randomizes its virtual memory regions).
+fn load_elf(mem: &GuestMemoryMmap, f: &mut File, p: String) -> Result<LoadedKernel, BootError> {
+    let r = Elf::load(mem, None, f, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+        BootError::KernelLoad {
+            path: p,
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(LoadedKernel {
+        entry: r.kernel_load.raw_value(),
+        end: r.kernel_end,
+        header: setup_header {
+            header: HDR_MAGIC,
+            kernel_alignment: KERNEL_ALIGNMENT,
+            ..Default::default()
+        },
+        format: KernelFormat::Elf,
     })
 }
 
@@ -331,6 +412,99 @@ mod tests {
         assert!(matches!(e, BootError::KernelLoad { .. }));
     }
 
+    /// A minimal x86-64 ELF executable: one PT_LOAD segment of `payload` at physical
+    /// address `paddr` with `bss` more bytes of memory, entry `entry`.
+    fn elf_image(paddr: u64, entry: u64, payload: &[u8], bss: u64) -> Vec<u8> {
+        let (ehsize, phsize) = (64u16, 56u16);
+        let data_off = u64::from(ehsize + phsize);
+        let mut f = Vec::new();
+        f.extend_from_slice(b"\x7fELF");
+        f.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV
+        f.extend_from_slice(&[0; 8]);
+        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f.extend_from_slice(&EM_X86_64.to_le_bytes());
+        f.extend_from_slice(&1u32.to_le_bytes());
+        f.extend_from_slice(&entry.to_le_bytes());
+        f.extend_from_slice(&u64::from(ehsize).to_le_bytes()); // e_phoff
+        f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for v in [ehsize, phsize, 1, 64, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        assert_eq!(f.len(), usize::from(ehsize));
+        let len = payload.len() as u64;
+        f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        f.extend_from_slice(&7u32.to_le_bytes()); // RWX
+        for v in [
+            data_off,
+            paddr | 0xffff_ffff_8000_0000,
+            paddr,
+            len,
+            len + bss,
+            4096,
+        ] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn temp_file(tag: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("vmm-boot-{tag}-{}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn kernel_format_tells_elf_from_bzimage_and_refuses_foreign_elf() {
+        let elf = elf_image(16 << 20, 16 << 20, &[0x90], 0);
+        assert_eq!(kernel_format(&elf[..20]), Ok(KernelFormat::Elf));
+        assert_eq!(kernel_format(&[0u8; 20]), Ok(KernelFormat::BzImage));
+        assert_eq!(kernel_format(b"MZ"), Ok(KernelFormat::BzImage));
+        let mut arm = elf[..20].to_vec();
+        arm[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+        assert!(kernel_format(&arm)
+            .unwrap_err()
+            .contains("another architecture"));
+        let mut elf32 = elf[..20].to_vec();
+        elf32[4] = 1;
+        assert!(kernel_format(&elf32).unwrap_err().contains("32-bit"));
+        assert!(kernel_format(&elf[..10]).unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn elf_vmlinux_loads_at_its_physical_address_with_a_boot_protocol_header() {
+        let mem = crate::memory::create_guest_memory(32 << 20).unwrap();
+        let payload: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let (paddr, entry) = (16 << 20, (16 << 20) + 0x40);
+        let path = temp_file("elf", &elf_image(paddr, entry, &payload, 0x3000));
+        let k = load_kernel(&mem, &path);
+        std::fs::remove_file(&path).unwrap();
+        let k = k.unwrap();
+        assert_eq!(k.format, KernelFormat::Elf);
+        assert_eq!(k.entry, entry);
+        assert_eq!(k.end, paddr + payload.len() as u64 + 0x3000);
+        assert_eq!({ k.header.header }, HDR_MAGIC);
+        assert_eq!({ k.header.kernel_alignment }, KERNEL_ALIGNMENT);
+        let mut back = vec![0u8; payload.len()];
+        mem.read_slice(&mut back, GuestAddress(paddr)).unwrap();
+        assert_eq!(back, payload);
+    }
+
+    #[test]
+    fn elf_beyond_guest_ram_or_below_high_memory_is_refused() {
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let path = temp_file("elf-far", &elf_image(32 << 20, 32 << 20, &[1; 64], 0));
+        let far = load_kernel(&mem, &path);
+        std::fs::write(&path, elf_image(0x1000, 0x1000, &[1; 64], 0)).unwrap();
+        let low = load_kernel(&mem, &path);
+        std::fs::remove_file(&path).unwrap();
+        for e in [far.unwrap_err(), low.unwrap_err()] {
+            assert!(matches!(e, BootError::KernelLoad { .. }), "{e}");
+            assert!(e.to_string().contains("vmlinux"), "{e}");
+        }
+    }
+
     #[test]
     fn initrd_goes_high_and_too_large_fails() {
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
@@ -338,6 +512,7 @@ mod tests {
             entry: HIMEM_START + 0x200,
             end: 8 << 20,
             header: setup_header::default(),
+            format: KernelFormat::BzImage,
         };
         let path = std::env::temp_dir().join(format!("vmm-initrd-test-{}", std::process::id()));
         std::fs::write(&path, vec![7u8; 10_000]).unwrap();

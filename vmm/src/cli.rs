@@ -122,7 +122,8 @@ pub enum OnReboot {
 /// `vmm run` options.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Linux kernel (x86 bzImage, e.g. /boot/vmlinuz-*).
+    /// Linux kernel: an x86 bzImage (e.g. /boot/vmlinuz-*) or an uncompressed x86-64 ELF
+    /// vmlinux (the guest then does not decompress itself).
     #[arg(long)]
     pub kernel: PathBuf,
     /// Initial ramdisk.

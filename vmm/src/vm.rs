@@ -622,6 +622,13 @@ impl Vm {
     /// [`VmError`] naming what could not be loaded or set up.
     pub fn boot_linux(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
         let kernel = boot::load_kernel(&self.mem, &cfg.kernel)?;
+        info!(
+            "kernel {}: {:?}, entry {:#x}, end {:#x}",
+            cfg.kernel.display(),
+            kernel.format,
+            kernel.entry,
+            kernel.end
+        );
         let initrd = cfg
             .initrd
             .as_deref()
