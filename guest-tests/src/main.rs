@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::Parser;
 
 use guest_tests::host::{decide, Where};
-use guest_tests::ours::Ours;
+use guest_tests::ours::{KernelForm, Ours};
 use guest_tests::qemu::Qemu;
 use guest_tests::runner::{self, Paths, RunOptions};
 use guest_tests::scenarios::{self, Kernel, Scenario};
@@ -105,8 +105,13 @@ struct Args {
     /// Populated plug size of the resize bench (MiB).
     #[arg(long, default_value_t = 2048)]
     populate_mib: u64,
-    /// Another build of our VMM for the resize bench, as NAME=PATH (repeatable): a column of
-    /// its own, resize boots only (to tell what a change bought).
+    /// The form of the guest kernel our VMM boots: bzimage (the distribution's, as QEMU
+    /// boots it) or elf (the vmlinux ci/guest-image extracts, as Firecracker boots it).
+    #[arg(long, default_value = "bzimage")]
+    ours_kernel: String,
+    /// Another build of our VMM for the resize bench, as NAME=PATH[,elf] (repeatable): a
+    /// column of its own, resize boots only (to tell what a change bought); `,elf` boots it
+    /// with the ELF vmlinux.
     #[arg(long)]
     compare_binary: Vec<String>,
     /// Leave out the resize bench's free page reporting boots (a third of its time).
@@ -327,11 +332,19 @@ fn main_with(args: Args) -> ExitCode {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
+    let Some(ours_kernel) = KernelForm::parse(&args.ours_kernel) else {
+        eprintln!(
+            "guest-tests: unknown --ours-kernel '{}' (bzimage, elf)",
+            args.ours_kernel
+        );
+        return ExitCode::from(2);
+    };
     let ours = Ours {
         binary: args
             .vmm_binary
             .clone()
             .unwrap_or_else(|| target.join("release/vmm")),
+        kernel: ours_kernel,
     };
     let qemu = Qemu {
         binary: args.qemu.clone(),
@@ -365,7 +378,10 @@ fn main_with(args: Args) -> ExitCode {
     }
     for (k, _) in &selected {
         let img = paths.images.join(k.image());
-        if !img.join("vmlinuz").exists() || !img.join("initrd.img").exists() {
+        if ["vmlinuz", "vmlinux", "initrd.img"]
+            .iter()
+            .any(|f| !img.join(f).exists())
+        {
             eprintln!(
                 "guest-tests: guest image {} missing: run ci/guest-image",
                 img.display()
@@ -440,13 +456,18 @@ fn main_with(args: Args) -> ExitCode {
         let mut compared = Vec::new();
         for c in &args.compare_binary {
             let Some((name, path)) = c.split_once('=') else {
-                eprintln!("guest-tests: --compare-binary takes NAME=PATH, not '{c}'");
+                eprintln!("guest-tests: --compare-binary takes NAME=PATH[,elf], not '{c}'");
                 return ExitCode::from(2);
+            };
+            let (path, kernel) = match path.strip_suffix(",elf") {
+                Some(p) => (p, KernelForm::Elf),
+                None => (path, KernelForm::BzImage),
             };
             compared.push((
                 name.to_string(),
                 Ours {
                     binary: PathBuf::from(path),
+                    kernel,
                 },
             ));
         }

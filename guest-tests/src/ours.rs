@@ -24,16 +24,43 @@ use crate::vmm::{ConsolePipes, DeviceSizes, VmSpec, Vmm, VmmError, VmmProcess};
 pub struct Ours {
     /// The `vmm` binary.
     pub binary: PathBuf,
+    /// Which form of the guest kernel it boots.
+    pub kernel: KernelForm,
+}
+
+/// The form of the guest kernel our VMM boots (it takes both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelForm {
+    /// The distribution's bzImage (`VmSpec::kernel`), as QEMU boots it.
+    #[default]
+    BzImage,
+    /// The uncompressed ELF `vmlinux` (`VmSpec::vmlinux`), as Firecracker boots it.
+    Elf,
+}
+
+impl KernelForm {
+    /// From `bzimage` or `elf`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bzimage" => Some(Self::BzImage),
+            "elf" => Some(Self::Elf),
+            _ => None,
+        }
+    }
 }
 
 impl Ours {
     /// The command line for `spec` with the API on `socket`.
     pub fn args(&self, spec: &VmSpec, socket: &Path) -> Vec<String> {
         let (online, cmdline) = split_online_policy(&spec.cmdline);
+        let kernel = match self.kernel {
+            KernelForm::BzImage => spec.kernel.clone(),
+            KernelForm::Elf => spec.vmlinux(),
+        };
         let mut a = vec![
             "run".into(),
             "--kernel".into(),
-            spec.kernel.display().to_string(),
+            kernel.display().to_string(),
             "--initrd".into(),
             spec.initrd.display().to_string(),
             "--cmdline".into(),
@@ -532,6 +559,7 @@ mod tests {
     fn populate_asks_for_it() {
         let ours = Ours {
             binary: "vmm".into(),
+            kernel: KernelForm::BzImage,
         };
         let sock = Path::new("/tmp/s");
         assert!(!ours
@@ -548,6 +576,27 @@ mod tests {
     }
 
     #[test]
+    fn elf_form_boots_the_vmlinux_beside_the_bzimage() {
+        let spec = VmSpec {
+            kernel: "/img/guest-6.1/vmlinuz".into(),
+            ..VmSpec::for_tests()
+        };
+        let kernel_arg = |form| {
+            let a = Ours {
+                binary: "vmm".into(),
+                kernel: form,
+            }
+            .args(&spec, Path::new("/tmp/s"));
+            let i = a.iter().position(|x| x == "--kernel").unwrap();
+            a[i + 1].clone()
+        };
+        assert_eq!(kernel_arg(KernelForm::BzImage), "/img/guest-6.1/vmlinuz");
+        assert_eq!(kernel_arg(KernelForm::Elf), "/img/guest-6.1/vmlinux");
+        assert_eq!(KernelForm::parse("elf"), Some(KernelForm::Elf));
+        assert_eq!(KernelForm::parse("bzImage"), None);
+    }
+
+    #[test]
     fn missing_binary_is_a_spawn_error() {
         let spec = VmSpec {
             hotplug_size: 1 << 30,
@@ -555,6 +604,7 @@ mod tests {
         };
         let err = Ours {
             binary: "/nonexistent/vmm".into(),
+            kernel: KernelForm::BzImage,
         }
         .start(&spec)
         .err()

@@ -92,7 +92,11 @@ pub fn spec_for(
     let img = paths.images.join(kernel.image());
     VmSpec {
         name: format!("{}-{}-{seq}", kernel.label(), boot.label()),
-        kernel: img.join("vmlinuz"),
+        kernel: img.join(if boot.elf_kernel() {
+            "vmlinux"
+        } else {
+            "vmlinuz"
+        }),
         initrd: img.join("initrd.img"),
         cmdline: cmdline(boot),
         boot_mem: boot.boot_mem(),

@@ -70,6 +70,9 @@ pub enum Boot {
     /// Like [`Boot::Autosize`], but hotplugged memory is onlined into ZONE_NORMAL
     /// (`memhp_default_state=online_kernel`), where unmovable data can pin it.
     AutosizeKernel,
+    /// Like [`Boot::Movable`], booting the uncompressed ELF `vmlinux` instead of the
+    /// bzImage.
+    Elf,
 }
 
 /// The automatic sizing policy of [`Boot::Autosize`].
@@ -91,15 +94,19 @@ impl Boot {
             Self::Balloon => "balloon",
             Self::Autosize => "autosize",
             Self::AutosizeKernel => "autosize-kernel",
+            Self::Elf => "elf",
         }
     }
 
     /// Onlining-related kernel parameters.
     pub fn cmdline(self) -> &'static str {
         match self {
-            Self::Movable | Self::Block64M | Self::Block128M | Self::Balloon | Self::Autosize => {
-                "memhp_default_state=online_movable"
-            }
+            Self::Movable
+            | Self::Block64M
+            | Self::Block128M
+            | Self::Balloon
+            | Self::Autosize
+            | Self::Elf => "memhp_default_state=online_movable",
             Self::Offline => "memhp_default_state=offline",
             Self::AutoMovable => {
                 "memhp_default_state=online memory_hotplug.online_policy=auto-movable"
@@ -136,6 +143,11 @@ impl Boot {
     /// Whether the VMM adds a balloon.
     pub fn balloon(self) -> bool {
         matches!(self, Self::Balloon | Self::Autosize | Self::AutosizeKernel)
+    }
+
+    /// Whether the guest boots the ELF `vmlinux` rather than the bzImage.
+    pub fn elf_kernel(self) -> bool {
+        self == Self::Elf
     }
 
     /// Our VMM's `--autosize` policy, if any.
@@ -194,6 +206,7 @@ pub const ALL: &[Scenario] = &[
     Scenario { name: "autosize-grow", about: "--autosize: the workload grows 100 MiB -> 1.6 GiB in 256 MiB steps every 2 s: plugs follow within 2 s of crossing the target, no OOM, data intact", boot: Boot::Autosize, ci: BOTH, smp: NONE, ours_only: Some(AUTOSIZE_QEMU), run: autosize_grow },
     Scenario { name: "autosize-shrink", about: "--autosize: after the workload frees, plugged returns to min within 60 s and the region's host memory with it", boot: Boot::Autosize, ci: BOTH, smp: NONE, ours_only: Some(AUTOSIZE_QEMU), run: autosize_shrink },
     Scenario { name: "autosize-stall", about: "--autosize with memory onlined into ZONE_NORMAL and pinned by ramfs data in every block: the unplug cannot proceed, the controller sets requested back to plugged, backs off and says why; the data is intact", boot: Boot::AutosizeKernel, ci: BOTH, smp: NONE, ours_only: Some(AUTOSIZE_QEMU), run: autosize_stall },
+    Scenario { name: "elf-boot", about: "the uncompressed ELF vmlinux boots (as Firecracker boots it): probe, plug 1 GiB, unplug after data", boot: Boot::Elf, ci: BOTH, smp: NONE, ours_only: Some(ELF_QEMU), run: elf_boot },
     Scenario { name: "default-online", about: "no memhp_default_state: 6.1 leaves memory offline, 6.12 onlines it into Normal", boot: Boot::KernelDefault, ci: BOTH, smp: NONE, ours_only: None, run: default_online },
 ];
 
@@ -992,6 +1005,17 @@ fn default_online(g: &mut Guest, k: Kernel, m: &mut Metrics) -> Result<(), Scena
 /// Why the balloon scenarios are not run against QEMU by default.
 const BALLOON_QEMU: &str = "it checks our VMM's discard of reported pages in boot RAM and \
     plugged blocks; QEMU's balloon beside virtio-mem is ci/autosize-bench's comparison";
+/// Why `elf-boot` is ours only.
+const ELF_QEMU: &str = "QEMU boots a vmlinux through its PVH entry, another path than the \
+    64-bit boot protocol our VMM uses for both forms";
+
+/// `probe`, `plug` and `unplug` in a guest booted from the ELF `vmlinux`.
+fn elf_boot(g: &mut Guest, k: Kernel, m: &mut Metrics) -> Result<(), ScenarioError> {
+    probe(g, k, m)?;
+    plug(g, k, m)?;
+    unplug(g, k, m)
+}
+
 /// Why the automatic sizing scenarios are ours only.
 const AUTOSIZE_QEMU: &str = "QEMU has no automatic sizing";
 

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 pub struct VmSpec {
     /// A name for logs and sockets (unique within a run).
     pub name: String,
-    /// Guest kernel (bzImage).
+    /// Guest kernel (bzImage); [`VmSpec::vmlinux`] is the same kernel uncompressed.
     pub kernel: PathBuf,
     /// Guest initramfs.
     pub initrd: PathBuf,
@@ -73,6 +73,12 @@ impl VmSpec {
 }
 
 impl VmSpec {
+    /// The guest kernel as an uncompressed ELF `vmlinux`: `ci/guest-image` extracts it
+    /// from the bzImage into the same image directory.
+    pub fn vmlinux(&self) -> PathBuf {
+        self.kernel.with_file_name("vmlinux")
+    }
+
     /// Where the VMM `vmm` (`qemu`, `vmm`) writes its stderr. With `trace` that is the
     /// work directory, a local tmpfs: in the test host the log directory is a 9p share,
     /// and a write there per traced step would slow down the very path being traced.
