@@ -90,13 +90,9 @@ pub fn spec_for(
     seq: usize,
 ) -> VmSpec {
     let img = paths.images.join(kernel.image());
-    VmSpec {
+    let mut spec = VmSpec {
         name: format!("{}-{}-{seq}", kernel.label(), boot.label()),
-        kernel: img.join(if boot.elf_kernel() {
-            "vmlinux"
-        } else {
-            "vmlinuz"
-        }),
+        kernel: img.join("vmlinuz"),
         initrd: img.join("initrd.img"),
         cmdline: cmdline(boot),
         boot_mem: boot.boot_mem(),
@@ -110,7 +106,11 @@ pub fn spec_for(
         populate: false,
         work_dir: paths.work.clone(),
         log_dir: paths.logs.clone(),
+    };
+    if boot.elf_kernel() {
+        spec.kernel = spec.vmlinux();
     }
+    spec
 }
 
 /// After a scenario: any bad kernel line since it started (its `guest-agent: start`
