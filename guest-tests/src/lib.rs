@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod autosize_bench;
 pub mod console;
+pub mod firecracker;
 pub mod guest;
 pub mod host;
 pub mod ours;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::Parser;
 
+use guest_tests::firecracker::Firecracker;
 use guest_tests::host::{decide, Where};
 use guest_tests::ours::{KernelForm, Ours};
 use guest_tests::qemu::Qemu;
@@ -114,6 +115,11 @@ struct Args {
     /// with the ELF vmlinux.
     #[arg(long)]
     compare_binary: Vec<String>,
+    /// A Firecracker binary (1.14 or later, built by the operator from its public
+    /// sources) for the resize bench: a column of its own, resize boots only, booting the
+    /// ELF vmlinux as Firecracker does.
+    #[arg(long)]
+    firecracker: Option<PathBuf>,
     /// Leave out the resize bench's free page reporting boots (a third of its time).
     #[arg(long)]
     no_fpr: bool,
@@ -493,6 +499,17 @@ fn main_with(args: Args) -> ExitCode {
             name,
             full: false,
         }));
+        let firecracker = args
+            .firecracker
+            .clone()
+            .map(|binary| Firecracker { binary });
+        if let Some(fc) = &firecracker {
+            entries.push(resize_bench::Entry {
+                vmm: fc,
+                name: "firecracker",
+                full: false,
+            });
+        }
         let json = out.join(format!("resize-bench-{}.json", kernel.label()));
         let ok = resize_bench::run_all(&entries, &base, &paths.logs, &json, &plan, args.echo);
         return finish(&work, ok);

@@ -77,7 +77,8 @@ pub struct Run {
 }
 
 /// A VMM in the bench, and whether it runs the populate and free page reporting boots
-/// too (compared builds of ours run only the resize boot).
+/// too (compared builds of ours and Firecracker, which has no populate option, run only
+/// the resize boot).
 #[derive(Clone, Copy)]
 pub struct Entry<'a> {
     /// The VMM.
