@@ -9,6 +9,7 @@
 //! goes to a file (it would otherwise share stdout with the console).
 
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,6 +66,21 @@ pub fn config(spec: &VmSpec) -> Result<Value, String> {
     }))
 }
 
+/// Firecracker's `--id` for a spec name: it takes 1 to 64 characters, letters, digits and
+/// `-` only (and aborts on anything else), so the rest become `-`.
+pub fn instance_id(name: &str) -> String {
+    let id: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "guest".into()
+    } else {
+        id
+    }
+}
+
 /// Parses `GET /hotplug/memory` (sizes in MiB).
 ///
 /// # Errors
@@ -117,7 +133,7 @@ impl Vmm for Firecracker {
             .arg(&config_path)
             .arg("--log-path")
             .arg(&log_path)
-            .args(["--level", "Info", "--id", &spec.name])
+            .args(["--level", "Info", "--id", &instance_id(&spec.name)])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr);
@@ -133,15 +149,22 @@ impl Vmm for Firecracker {
                 let _ = child.kill();
                 let _ = child.wait();
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                // Before its logger is set up Firecracker writes to stdout (a panic
+                // there included); the process is gone, so this read ends.
+                let mut out = String::new();
+                if let Some(mut o) = child.stdout.take() {
+                    let _ = o.read_to_string(&mut out);
+                }
                 return Err(VmmError::Connect {
                     path: socket.display().to_string(),
                     reason: format!(
-                        "{}; its log ({}): {}",
+                        "{}; its log ({}): {}; its stdout: {}",
                         exited.map_or("no API socket after 60 s".into(), |s| format!(
                             "firecracker exited ({s})"
                         )),
                         log_path.display(),
-                        log.trim()
+                        log.trim(),
+                        out.trim()
                     ),
                 });
             }
@@ -265,6 +288,13 @@ mod tests {
         };
         let e = config(&spec).unwrap_err();
         assert!(e.contains("block size"), "{e}");
+    }
+
+    #[test]
+    fn instance_ids_are_what_firecracker_accepts() {
+        assert_eq!(instance_id("6.1-movable-0-bench0"), "6-1-movable-0-bench0");
+        assert_eq!(instance_id(""), "guest");
+        assert_eq!(instance_id(&"x".repeat(100)).len(), 64);
     }
 
     #[test]
