@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::ours::ApiClient;
-use crate::vmm::{ConsolePipes, DeviceSizes, VmSpec, Vmm, VmmError, VmmProcess};
+use crate::vmm::{
+    exit_with_log_tail, ConsolePipes, DeviceSizes, VmSpec, Vmm, VmmError, VmmProcess,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -226,17 +228,7 @@ impl VmmProcess for FirecrackerProcess {
     }
 
     fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => {
-                let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                Some(format!(
-                    "firecracker exited ({status}); log tail: {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                ))
-            }
-            _ => None,
-        }
+        exit_with_log_tail(&mut self.child, "firecracker", "log", &self.log_path)
     }
 
     fn stop(&mut self) {

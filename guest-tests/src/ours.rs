@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::vmm::{ConsolePipes, DeviceSizes, VmSpec, Vmm, VmmError, VmmProcess};
+use crate::vmm::{
+    exit_with_log_tail, ConsolePipes, DeviceSizes, VmSpec, Vmm, VmmError, VmmProcess,
+};
 
 /// Our VMM as the VMM under test.
 #[derive(Debug, Clone)]
@@ -430,17 +432,7 @@ impl VmmProcess for OursProcess {
     }
 
     fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => {
-                let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-                let tail: Vec<&str> = err.lines().rev().take(5).collect();
-                Some(format!(
-                    "vmm exited ({status}); stderr tail: {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                ))
-            }
-            _ => None,
-        }
+        exit_with_log_tail(&mut self.child, "vmm", "stderr", &self.stderr_path)
     }
 
     fn stop(&mut self) {

@@ -207,6 +207,27 @@ pub trait VmmProcess {
     fn dump_state(&mut self) -> Result<String, VmmError>;
 }
 
+/// `Some("<name> exited (<status>); <what> tail: <last 5 lines of log>")` once `child` has
+/// exited, `None` while it runs: the [`VmmProcess::exited`] of VMMs that log to a file.
+pub fn exit_with_log_tail(
+    child: &mut std::process::Child,
+    name: &str,
+    what: &str,
+    log: &std::path::Path,
+) -> Option<String> {
+    match child.try_wait() {
+        Ok(Some(status)) => {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            Some(format!(
+                "{name} exited ({status}); {what} tail: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// Resident set size of a host process in bytes, from `/proc/PID/smaps_rollup`.
 ///
 /// # Errors
@@ -259,6 +280,37 @@ mod tests {
             spec.stderr_log("qemu"),
             PathBuf::from("/tmp/w/t.qemu-stderr.log")
         );
+    }
+
+    #[test]
+    fn an_exited_vmm_is_described_with_the_tail_of_its_log() {
+        let log = std::env::temp_dir().join(format!("guest-tests-exit-{}.log", std::process::id()));
+        std::fs::write(&log, "l1\nl2\nl3\nl4\nl5\nl6\nl7\n").unwrap();
+        let mut running = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            exit_with_log_tail(&mut running, "vmm", "stderr", &log),
+            None
+        );
+        running.kill().unwrap();
+        let mut done = std::process::Command::new("true").spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let text = loop {
+            if let Some(t) = exit_with_log_tail(&mut done, "vmm", "stderr", &log) {
+                break t;
+            }
+            assert!(std::time::Instant::now() < deadline, "true did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let _ = running.wait();
+        let _ = std::fs::remove_file(&log);
+        assert!(
+            text.starts_with("vmm exited (exit status: 0); stderr tail: "),
+            "{text}"
+        );
+        assert!(text.ends_with("l3 | l4 | l5 | l6 | l7"), "{text}");
     }
 
     #[test]
