@@ -201,26 +201,13 @@ impl VmmProcess for FirecrackerProcess {
             )));
         }
         let body = format!("{{\"requested_size_mib\": {}}}", requested / MIB);
-        let (status, answer) = self.api.request("PATCH", "/hotplug/memory", Some(&body))?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(VmmError::Refused {
-                command: format!("PATCH /hotplug/memory {body}"),
-                answer: format!("HTTP {status}: {answer}"),
-            })
-        }
+        self.api
+            .request_ok("PATCH", "/hotplug/memory", Some(&body))
+            .map(|_| ())
     }
 
     fn sizes(&mut self) -> Result<DeviceSizes, VmmError> {
-        let (status, answer) = self.api.request("GET", "/hotplug/memory", None)?;
-        if !(200..300).contains(&status) {
-            return Err(VmmError::Refused {
-                command: "GET /hotplug/memory".into(),
-                answer: format!("HTTP {status}: {answer}"),
-            });
-        }
-        parse_status(&answer)
+        parse_status(&self.api.request_ok("GET", "/hotplug/memory", None)?)
     }
 
     fn pid(&self) -> u32 {

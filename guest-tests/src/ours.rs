@@ -258,6 +258,32 @@ impl ApiClient {
         Ok((status, String::from_utf8_lossy(&out).into_owned()))
     }
 
+    /// [`ApiClient::request`] that wants a 2xx answer and returns its body.
+    ///
+    /// # Errors
+    ///
+    /// [`VmmError::Refused`] (naming the request and the answer) on any other status, else
+    /// as [`ApiClient::request`].
+    pub fn request_ok(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<String, VmmError> {
+        let (status, answer) = self.request(method, path, body)?;
+        if (200..300).contains(&status) {
+            Ok(answer)
+        } else {
+            Err(VmmError::Refused {
+                command: format!(
+                    "{method} {path}{}",
+                    body.map(|b| format!(" {b}")).unwrap_or_default()
+                ),
+                answer: format!("HTTP {status}: {answer}"),
+            })
+        }
+    }
+
     /// `PUT /v1/memory {"requested_size": N}`.
     ///
     /// # Errors
@@ -265,15 +291,8 @@ impl ApiClient {
     /// [`VmmError::Refused`] on a non-2xx answer, else as [`ApiClient::request`].
     pub fn resize(&self, requested: u64) -> Result<(), VmmError> {
         let body = format!("{{\"requested_size\": {requested}}}");
-        let (status, answer) = self.request("PUT", "/v1/memory", Some(&body))?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(VmmError::Refused {
-                command: format!("PUT /v1/memory {body}"),
-                answer: format!("HTTP {status}: {answer}"),
-            })
-        }
+        self.request_ok("PUT", "/v1/memory", Some(&body))
+            .map(|_| ())
     }
 
     /// `GET /v1/memory`.
@@ -282,14 +301,7 @@ impl ApiClient {
     ///
     /// [`VmmError::Refused`] on a non-2xx answer, [`VmmError::Control`] on bad JSON.
     pub fn sizes(&self) -> Result<DeviceSizes, VmmError> {
-        let (status, answer) = self.request("GET", "/v1/memory", None)?;
-        if !(200..300).contains(&status) {
-            return Err(VmmError::Refused {
-                command: "GET /v1/memory".into(),
-                answer: format!("HTTP {status}: {answer}"),
-            });
-        }
-        parse_memory(&answer)
+        parse_memory(&self.request_ok("GET", "/v1/memory", None)?)
     }
 
     /// `GET /v1/memory` as JSON.
@@ -298,13 +310,7 @@ impl ApiClient {
     ///
     /// [`VmmError::Refused`] on a non-2xx answer, [`VmmError::Control`] on bad JSON.
     pub fn status_json(&self) -> Result<Value, VmmError> {
-        let (status, answer) = self.request("GET", "/v1/memory", None)?;
-        if !(200..300).contains(&status) {
-            return Err(VmmError::Refused {
-                command: "GET /v1/memory".into(),
-                answer: format!("HTTP {status}: {answer}"),
-            });
-        }
+        let answer = self.request_ok("GET", "/v1/memory", None)?;
         serde_json::from_str(&answer)
             .map_err(|e| VmmError::Control(format!("GET /v1/memory: invalid JSON ({e}): {answer}")))
     }
