@@ -114,7 +114,9 @@ done
 # Hold KVM's APIC static keys on before any guest starts (ci/testhost-run says why); its
 # ready line comes once they are held.
 if [ -n "$pin" ]; then
-    chroot /host "$pin" >/pin.out 2>&1 &
+    # Created before the job starts, so that the first check does not race its redirection.
+    : >/pin.out
+    chroot /host "$pin" >>/pin.out 2>&1 &
     i=0
     while ! grep -q "pinned" /pin.out && [ "$i" -lt 100 ] && kill -0 $! 2>/dev/null; do
         sleep 0.1
