@@ -160,7 +160,9 @@ pub struct RunArgs {
     /// Fault hotplugged memory in (in parallel) when the guest plugs it, instead of on
     /// first touch: on, off, or auto (on for backings that can run short at fault time,
     /// hugetlb and files, so a shortage answers the plug BUSY instead of stopping the
-    /// guest later). `--populate` alone means on.
+    /// guest later). While the guest adds what it plugged, the next blocks it will plug
+    /// are faulted in ahead (up to 256 MiB, inaccessible until plugged, given back if
+    /// not). `--populate` alone means on.
     #[arg(long, value_enum, default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
     pub populate: Populate,
     /// Add a virtio-balloon device that is never inflated: the guest's memory statistics

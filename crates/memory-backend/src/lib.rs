@@ -25,6 +25,7 @@ mod backing;
 mod error;
 mod populate;
 mod region;
+mod runs;
 mod sys;
 
 pub mod accounting;

@@ -80,7 +80,8 @@ impl PopulateOptions {
 /// What a populate call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PopulateReport {
-    /// Threads that worked (the caller included).
+    /// Threads that worked (the caller included); 0 for a plug whose whole range was
+    /// staged, and so populated, before.
     pub threads: usize,
     /// The method used (never [`PopulateMethod::Auto`]).
     pub method: PopulateMethod,
@@ -128,6 +129,17 @@ fn plan(len: u64, page_size: u64, opts: &PopulateOptions) -> (u64, usize) {
     (chunk, threads.min(chunks).max(1))
 }
 
+/// The method `method` stands for on this kernel (never [`PopulateMethod::Auto`]).
+pub(crate) fn resolve(method: PopulateMethod) -> PopulateMethod {
+    match method {
+        PopulateMethod::Auto if sys::populate_write_supported() => {
+            PopulateMethod::MadvisePopulateWrite
+        }
+        PopulateMethod::Auto => PopulateMethod::Touch,
+        m => m,
+    }
+}
+
 /// Populates region range `[offset, offset+len)`.
 ///
 /// # Safety
@@ -142,13 +154,7 @@ pub(crate) unsafe fn populate(
     len: u64,
     opts: &PopulateOptions,
 ) -> Result<PopulateReport, MemoryBackendError> {
-    let method = match opts.method {
-        PopulateMethod::Auto if sys::populate_write_supported() => {
-            PopulateMethod::MadvisePopulateWrite
-        }
-        PopulateMethod::Auto => PopulateMethod::Touch,
-        m => m,
-    };
+    let method = resolve(opts.method);
     let (chunk, threads) = plan(len, target.page_size, opts);
     let job = Arc::new(Job {
         base: target.base,

@@ -15,6 +15,10 @@
 //!   discard and leave it committed in an inaccessible range. If the discard fails, the
 //!   range is made accessible again, so a block the device still counts as plugged is
 //!   never inaccessible.
+//! - [`MemoryRegion::stage`] faults an unplugged range in ahead of its plug and leaves it
+//!   inaccessible (`PROT_NONE` keeps the pages): a later plug of it only changes its
+//!   protection. [`MemoryRegion::discard_staged`] gives back what was staged and never
+//!   plugged. The guest sees no difference: a staged range faults like any unplugged one.
 //!
 //! Offsets are region-relative and equal to file offsets for file backings (which is
 //! what a vhost-user peer needs).
@@ -28,6 +32,7 @@ use crate::accounting::{self, AccountingError, MemoryUsage};
 use crate::backing::{Backing, BackingKind, DiscardMethod, Store};
 use crate::error::MemoryBackendError;
 use crate::populate::{self, PopulateOptions, PopulateReport, Target};
+use crate::runs::Runs;
 use crate::sys;
 use block_layout::{BlockLayout, LayoutError};
 
@@ -112,9 +117,10 @@ pub struct MemoryRegion {
     store: Store,
     populate: Option<PopulateOptions>,
     transparent_hugepages: bool,
-    /// Serializes plug and unplug: a populate that touches pages must never run while
-    /// another call removes access to them.
-    op_lock: Mutex<()>,
+    /// Serializes plug, unplug and staging (a populate that touches pages must never run
+    /// while another call removes access to them), and guards the staged runs: unplugged
+    /// ranges faulted in ahead of their plug, region offsets.
+    op_lock: Mutex<Runs>,
 }
 
 // SAFETY: `MemoryRegion` owns its mapping; the only non-Send/Sync field is `base`, a raw
@@ -176,7 +182,7 @@ impl MemoryRegion {
             store,
             populate: cfg.populate,
             transparent_hugepages: cfg.transparent_hugepages,
-            op_lock: Mutex::new(()),
+            op_lock: Mutex::new(Runs::default()),
         };
         // From here on, dropping `region` unmaps the reservation.
         if let Some(file) = region.store.file() {
@@ -284,7 +290,7 @@ impl MemoryRegion {
         Ok((ptr, l))
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
+    fn lock(&self) -> MutexGuard<'_, Runs> {
         // The guarded state is the mapping itself, which every operation leaves
         // consistent or rolls back; a panic elsewhere does not invalidate it.
         self.op_lock.lock().unwrap_or_else(PoisonError::into_inner)
@@ -316,7 +322,7 @@ impl MemoryRegion {
         populate: Option<&PopulateOptions>,
     ) -> Result<Option<PopulateReport>, MemoryBackendError> {
         let (ptr, l) = self.check_range(offset, len)?;
-        let _guard = self.lock();
+        let mut staged = self.lock();
         // SAFETY: the range is inside our mapping (check_range) and the region never
         // creates references into it; making it accessible cannot invalidate anything.
         unsafe { sys::protect(ptr, l, RW) }.map_err(|source| MemoryBackendError::OsRange {
@@ -325,29 +331,130 @@ impl MemoryRegion {
             len,
             source,
         })?;
+        // Plugged now: what was staged in it is the guest's.
+        let end = offset + len;
+        let unstaged = staged.gaps(offset, end);
+        staged.remove(offset, end);
         let Some(opts) = populate else {
             return Ok(None);
         };
-        let target = Target {
+        let mut report = None;
+        for (s, e) in unstaged {
+            // SAFETY: [s, e) is inside the range, which is inside the region, was just
+            // made RW, and stays so until populate returns because we hold `op_lock`; no
+            // references point into it.
+            match unsafe { populate::populate(&self.target(), s, e - s, opts) } {
+                Ok(r) => report = Some(r),
+                Err(e) => {
+                    log::warn!("memory-backend: populate failed, unplugging the range again: {e}");
+                    let method = self.store.kind().default_discard();
+                    if let Err(rollback) =
+                        self.unplug_locked(offset, len, ptr, l, method, Restore::Unplugged)
+                    {
+                        log::error!("memory-backend: rollback of a failed plug failed: {rollback}");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // All of it staged: populated before, by the same options' method.
+        Ok(Some(report.unwrap_or(PopulateReport {
+            threads: 0,
+            method: populate::resolve(opts.method),
+        })))
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
             base: self.base.as_ptr() as usize,
             page_size: self.page_size(),
             hugetlb: self.store.kind().hugetlb(),
             file: self.store.file(),
-        };
-        // SAFETY: the range is inside the region, was just made RW, and stays so until
-        // populate returns because we hold `op_lock`; no references point into it.
-        match unsafe { populate::populate(&target, offset, len, opts) } {
-            Ok(report) => Ok(Some(report)),
-            Err(e) => {
-                log::warn!("memory-backend: populate failed, unplugging the range again: {e}");
-                if let Err(rollback) =
-                    self.unplug_locked(offset, len, ptr, l, self.store.kind().default_discard())
-                {
-                    log::error!("memory-backend: rollback of a failed plug failed: {rollback}");
-                }
-                Err(e)
-            }
         }
+    }
+
+    /// Faults the parts of `[offset, offset+len)` that are not staged yet in with `opts`
+    /// and leaves them inaccessible, so that a later [`MemoryRegion::plug`] of them only
+    /// changes their protection; returns how many bytes it staged. Staged memory counts
+    /// as the host's until it is plugged or [`MemoryRegion::discard_staged`] gives it
+    /// back (an unplug of a range also drops what was staged in it).
+    ///
+    /// The range must be unplugged: staging a plugged range takes it away from the guest.
+    ///
+    /// # Errors
+    ///
+    /// As for [`MemoryRegion::plug`]; a range that failed to populate is discarded again,
+    /// what was staged before the failure stays staged.
+    pub fn stage(
+        &self,
+        offset: u64,
+        len: u64,
+        opts: &PopulateOptions,
+    ) -> Result<u64, MemoryBackendError> {
+        self.check_range(offset, len)?;
+        let mut staged = self.lock();
+        let mut done = 0;
+        for (s, e) in staged.gaps(offset, offset + len) {
+            let (ptr, l) = self.check_range(s, e - s)?;
+            let fail = |op| {
+                move |source| MemoryBackendError::OsRange {
+                    op,
+                    offset: s,
+                    len: e - s,
+                    source,
+                }
+            };
+            // SAFETY: the range is inside our mapping (check_range) and the region never
+            // creates references into it; making it accessible cannot invalidate anything.
+            unsafe { sys::protect(ptr, l, RW) }.map_err(fail("mprotect(PROT_READ|PROT_WRITE)"))?;
+            // SAFETY: [s, e) is inside the region, was just made RW and stays so until
+            // populate returns because we hold `op_lock`; no references point into it.
+            let populated = unsafe { populate::populate(&self.target(), s, e - s, opts) };
+            // SAFETY: the range is unplugged (the caller's promise), so it was
+            // inaccessible when this call began and nobody can have used it since: no
+            // reference, and no device view of guest memory (which holds plugged ranges
+            // only), points into it.
+            let protected = unsafe { sys::protect(ptr, l, libc::PROT_NONE) }
+                .map_err(fail("mprotect(PROT_NONE)"));
+            if let Err(err) = populated.and(protected) {
+                let method = self.store.kind().default_discard();
+                if let Err(discard) =
+                    self.unplug_locked(s, e - s, ptr, l, method, Restore::Unplugged)
+                {
+                    log::error!(
+                        "memory-backend: cannot discard a range that failed to stage: {discard}"
+                    );
+                }
+                return Err(err);
+            }
+            staged.insert(s, e);
+            done += e - s;
+        }
+        Ok(done)
+    }
+
+    /// Bytes staged by [`MemoryRegion::stage`] and neither plugged nor discarded since.
+    pub fn staged_bytes(&self) -> u64 {
+        self.lock().bytes()
+    }
+
+    /// Gives back all staged memory (it stays inaccessible); returns how many bytes.
+    ///
+    /// # Errors
+    ///
+    /// `OsRange` when a discard fails; the runs not discarded stay staged.
+    pub fn discard_staged(&self) -> Result<u64, MemoryBackendError> {
+        let mut staged = self.lock();
+        let mut done = 0;
+        let runs: Vec<(u64, u64)> = staged.iter().collect();
+        for (s, e) in runs {
+            let (ptr, l) = self.check_range(s, e - s)?;
+            let method = self.store.kind().default_discard();
+            self.unplug_locked(s, e - s, ptr, l, method, Restore::Unplugged)?;
+            staged.remove(s, e);
+            done += e - s;
+        }
+        Ok(done)
     }
 
     /// Unplugs `[offset, offset+len)`: removes access, then gives the memory back with
@@ -381,8 +488,10 @@ impl MemoryRegion {
             });
         }
         let (ptr, l) = self.check_range(offset, len)?;
-        let _guard = self.lock();
-        self.unplug_locked(offset, len, ptr, l, method)
+        let mut staged = self.lock();
+        self.unplug_locked(offset, len, ptr, l, method, Restore::Plugged)?;
+        staged.remove(offset, offset + len);
+        Ok(())
     }
 
     /// Gives back the host memory behind `[offset, offset+len)` of a range that stays
@@ -456,7 +565,8 @@ impl MemoryRegion {
         self.unplug(0, self.layout.size())
     }
 
-    /// Unplug with `op_lock` held and the range checked.
+    /// Unplug with `op_lock` held and the range checked; `restore` is the access the
+    /// range gets back when the discard fails.
     fn unplug_locked(
         &self,
         offset: u64,
@@ -464,6 +574,7 @@ impl MemoryRegion {
         ptr: NonNull<u8>,
         l: usize,
         method: DiscardMethod,
+        restore: Restore,
     ) -> Result<(), MemoryBackendError> {
         let fail = |op| {
             move |source| MemoryBackendError::OsRange {
@@ -503,12 +614,14 @@ impl MemoryRegion {
             }),
         };
         if let Err(e) = discarded {
-            // Still plugged as far as the device knows: make it usable again.
-            // SAFETY: as above; restoring the access the range had before this call.
-            if let Err(restore) = unsafe { sys::protect(ptr, l, RW) } {
-                log::error!(
-                    "memory-backend: could not restore access after a failed discard: {restore}"
-                );
+            if restore == Restore::Plugged {
+                // Still plugged as far as the device knows: make it usable again.
+                // SAFETY: as above; restoring the access the range had before this call.
+                if let Err(restore) = unsafe { sys::protect(ptr, l, RW) } {
+                    log::error!(
+                        "memory-backend: could not restore access after a failed discard: {restore}"
+                    );
+                }
             }
             return Err(e);
         }
@@ -560,6 +673,15 @@ impl MemoryRegion {
             accounting::range_protections(start, len).map_err(RangeAccessError::Accounting)?;
         Ok(maps.iter().all(|m| !m.accessible()))
     }
+}
+
+/// What a range is to the device when its discard fails, and so the access it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restore {
+    /// Plugged (an unplug the device asked for): accessible again.
+    Plugged,
+    /// Unplugged (a failed plug or stage, staged memory): inaccessible.
+    Unplugged,
 }
 
 /// Errors of [`MemoryRegion::is_inaccessible`].
@@ -622,6 +744,7 @@ fn to_usize(v: u64) -> usize {
 mod tests {
     use super::*;
     use crate::HugePageSize;
+    use std::num::NonZeroUsize;
 
     const MIB: u64 = 1 << 20;
 
@@ -856,5 +979,66 @@ mod tests {
         r.unplug_all().unwrap();
         assert_eq!(r.usage().unwrap().committed(), 0);
         assert!(r.is_inaccessible(0, r.size()).unwrap());
+    }
+
+    fn populating() -> MemoryRegion {
+        MemoryRegion::new(
+            RegionConfig::sized(64 * MIB, 2 * MIB)
+                .unwrap()
+                .with_populate(PopulateOptions::default()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_staged_range_holds_memory_but_stays_inaccessible_until_plugged() {
+        let r = populating();
+        let opts = PopulateOptions::with_threads(NonZeroUsize::MIN);
+        assert_eq!(r.stage(8 * MIB, 8 * MIB, &opts).unwrap(), 8 * MIB);
+        assert_eq!(r.staged_bytes(), 8 * MIB);
+        assert!(r.usage().unwrap().committed() >= 8 * MIB);
+        assert!(r.is_inaccessible(0, r.size()).unwrap());
+        // Staging again only adds what was not staged.
+        assert_eq!(r.stage(4 * MIB, 8 * MIB, &opts).unwrap(), 4 * MIB);
+        assert_eq!(r.staged_bytes(), 12 * MIB);
+        // A plug of staged memory populates nothing more and takes it out of the staged.
+        let report = r.plug_with(8 * MIB, 8 * MIB, Some(&opts)).unwrap().unwrap();
+        assert_eq!(report.threads, 0);
+        assert_eq!(r.staged_bytes(), 4 * MIB);
+        assert!(!r.is_inaccessible(8 * MIB, 8 * MIB).unwrap());
+        assert!(r.is_inaccessible(4 * MIB, 4 * MIB).unwrap());
+        // A plug over staged and unstaged memory populates the rest.
+        let report = r.plug_with(0, 8 * MIB, Some(&opts)).unwrap().unwrap();
+        assert_eq!(report.threads, 1);
+        assert_eq!(r.staged_bytes(), 0);
+        assert!(r.usage().unwrap().committed() >= 16 * MIB);
+    }
+
+    #[test]
+    fn discarding_staged_memory_gives_it_back_and_keeps_it_inaccessible() {
+        let r = populating();
+        let opts = PopulateOptions::default();
+        r.plug(0, 4 * MIB).unwrap();
+        r.stage(16 * MIB, 8 * MIB, &opts).unwrap();
+        r.stage(32 * MIB, 4 * MIB, &opts).unwrap();
+        assert_eq!(r.discard_staged().unwrap(), 12 * MIB);
+        assert_eq!(r.staged_bytes(), 0);
+        let committed = r.usage().unwrap().committed();
+        assert!(
+            (4 * MIB..8 * MIB).contains(&committed),
+            "only the plugged 4 MiB stay: {committed}"
+        );
+        assert!(r.is_inaccessible(4 * MIB, r.size() - 4 * MIB).unwrap());
+        assert!(!r.is_inaccessible(0, 4 * MIB).unwrap());
+    }
+
+    #[test]
+    fn an_unplug_drops_what_was_staged_in_its_range() {
+        let r = populating();
+        r.stage(0, 16 * MIB, &PopulateOptions::default()).unwrap();
+        r.unplug_all().unwrap();
+        assert_eq!(r.staged_bytes(), 0);
+        assert_eq!(r.usage().unwrap().committed(), 0);
+        assert_eq!(r.discard_staged().unwrap(), 0);
     }
 }

@@ -11,6 +11,12 @@
 //! registered slot, unplugged blocks are `PROT_NONE` in the host: a guest touching them
 //! gets no host memory (KVM fails the access instead).
 //!
+//! With populate on, the blocks the guest will most likely plug next (the lowest unplugged
+//! ones, which is the order Linux's driver plugs in) are faulted in ahead while the guest
+//! is busy adding and onlining what it plugged last ([`HotplugMemory::stage_ahead`]):
+//! they stay `PROT_NONE` until plugged, and what the guest does not plug is given back
+//! when the resize is over or the guest goes quiet.
+//!
 //! The guest memory map that devices use (a [`GuestMemoryHandle`]) holds boot RAM plus
 //! exactly the plugged runs, and an unplug takes host memory away only once no device
 //! holds a view of an older map, so a device never dereferences an unplugged
@@ -118,8 +124,14 @@ pub enum HotplugError {
 }
 
 /// How long the guest must change no plugged memory before idle KVM slots are removed
-/// ([`HotplugMemory::release_idle_slots`] says why this waits).
+/// ([`HotplugMemory::release_idle_slots`] says why this waits) and memory staged ahead of
+/// a plug is given back.
 pub const SLOT_RELEASE_QUIET: Duration = Duration::from_secs(2);
+
+/// Most memory staged ahead of the guest's plugs: two of Linux's 128 MiB memory blocks,
+/// enough to keep one ready while the guest onlines the last, and a bound on the host
+/// work that a guest which plugs and never uses what was staged can cause.
+pub const STAGE_AHEAD_MAX: u64 = 256 << 20;
 
 /// Longest wait in an unplug for devices to drop their views of guest memory. Devices hold
 /// one for a round of bounded work (milliseconds); past this the unplug fails (the guest
@@ -258,18 +270,20 @@ impl HotplugMemory {
     }
 
     /// Handles an expired [`HotplugMemory::release_timer`]: disarms it (which also makes
-    /// it unreadable) and removes the idle slots; returns how many.
+    /// it unreadable), gives back memory staged ahead and removes the idle slots; returns
+    /// how many slots.
     pub fn on_release_timer(&mut self) -> usize {
         if let Err(e) = self.release_timer.clear() {
             log::error!("virtio-mem: cannot disarm the KVM slot release timer: {e}");
         }
+        self.discard_staged();
         self.release_idle_slots()
     }
 
-    /// Starts the quiet period again after a plug or unplug: armed while idle slots are
-    /// left, disarmed otherwise.
+    /// Starts the quiet period again after a plug, an unplug or staging: armed while idle
+    /// slots or staged memory are left, disarmed otherwise.
     fn restart_release_timer(&mut self) {
-        let result = if self.has_idle_slots() {
+        let result = if self.has_idle_slots() || self.region.staged_bytes() > 0 {
             self.release_timer.reset(SLOT_RELEASE_QUIET, None)
         } else {
             self.release_timer.clear()
@@ -340,6 +354,82 @@ impl HotplugMemory {
             );
         }
         removed
+    }
+
+    /// Bytes plugged now.
+    pub fn plugged_bytes(&self) -> u64 {
+        self.plugged.values().sum()
+    }
+
+    /// Faults in ahead, and leaves inaccessible, up to `max` bytes of the lowest unplugged
+    /// blocks, so that the guest's next plugs only change protection; at most
+    /// [`STAGE_AHEAD_MAX`] is staged at a time, and never more than `requested` minus
+    /// what is plugged. Gives staged memory back once `requested` is plugged. Does
+    /// nothing without populate. Returns the bytes staged by this call: 0 when nothing is
+    /// left to stage (or staging failed, which is logged: the plugs then populate as
+    /// usual).
+    pub fn stage_ahead(&mut self, requested: u64, max: u64) -> u64 {
+        let Some(opts) = self.region.populate_options() else {
+            return 0;
+        };
+        // The guest's vCPUs go on adding the memory meanwhile: leave them cores.
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let opts = memory_backend::PopulateOptions {
+            threads: std::num::NonZeroUsize::new((cores / 2).max(1)),
+            ..opts.clone()
+        };
+        let plugged = self.plugged_bytes();
+        if requested <= plugged {
+            self.discard_staged();
+            return 0;
+        }
+        let staged = self.region.staged_bytes();
+        let mut left = (requested - plugged)
+            .min(STAGE_AHEAD_MAX)
+            .saturating_sub(staged)
+            .min(max);
+        let mut done = 0;
+        // The unplugged ranges, region offsets, lowest first.
+        let mut at = 0;
+        let mut gaps = Vec::new();
+        for (&gpa, &len) in &self.plugged {
+            let start = gpa - self.region_addr;
+            if at < start {
+                gaps.push((at, start));
+            }
+            at = start + len;
+        }
+        gaps.push((at, self.region.size()));
+        'gaps: for (mut s, e) in gaps {
+            while s < e && left > 0 {
+                let len = left.min(e - s);
+                match self.region.stage(s, len, &opts) {
+                    Ok(n) => {
+                        done += n;
+                        left -= n;
+                    }
+                    Err(err) => {
+                        log::warn!("virtio-mem: cannot fault memory in ahead of the guest's plug, it will be at the plug: {err}");
+                        break 'gaps;
+                    }
+                }
+                s += len;
+            }
+        }
+        if done > 0 {
+            debug!("virtio-mem: staged {done:#x} bytes ahead of the guest's plugs");
+            self.restart_release_timer();
+        }
+        done
+    }
+
+    /// Gives back the memory staged ahead of plugs that did not come.
+    pub fn discard_staged(&mut self) {
+        match self.region.discard_staged() {
+            Ok(0) => {}
+            Ok(n) => debug!("virtio-mem: gave back {n:#x} bytes staged and not plugged"),
+            Err(e) => log::error!("virtio-mem: cannot give back memory staged ahead: {e}"),
+        }
     }
 
     /// Slot index range and per-slot overlap of a region-relative range.
@@ -754,6 +844,94 @@ mod tests {
         assert!(slots.live.lock().unwrap().is_empty());
         assert!(!h.has_idle_slots());
         assert_eq!(h.release_idle_slots(), 0);
+    }
+
+    fn setup_populating() -> (HotplugMemory, Arc<FakeSlots>) {
+        let layout = BlockLayout::new(BASE, 512 * MIB, 2 * MIB).unwrap();
+        let cfg =
+            RegionConfig::new(layout).with_populate(memory_backend::PopulateOptions::default());
+        let region = Arc::new(MemoryRegion::new(cfg).unwrap());
+        let boot = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let slots = Arc::new(FakeSlots::default());
+        let h = HotplugMemory::new(
+            region,
+            128 * MIB,
+            10,
+            slots.clone(),
+            GuestMemoryHandle::new(boot),
+        )
+        .unwrap();
+        (h, slots)
+    }
+
+    /// Stages step by step as the request thread does; returns the bytes staged.
+    fn stage_all(h: &mut HotplugMemory, requested: u64) -> u64 {
+        let mut total = 0;
+        loop {
+            let n = h.stage_ahead(requested, 16 * MIB);
+            assert!(n <= 16 * MIB, "a step stages at most its size: {n:#x}");
+            if n == 0 {
+                return total;
+            }
+            total += n;
+        }
+    }
+
+    #[test]
+    fn the_lowest_unplugged_blocks_are_staged_ahead_inaccessible_and_slotless() {
+        let (mut h, slots) = setup_populating();
+        h.plug(BASE, 4 * MIB).unwrap();
+        h.plug(BASE + 8 * MIB, 2 * MIB).unwrap();
+        assert_eq!(stage_all(&mut h, 64 * MIB), 58 * MIB);
+        assert_eq!(h.region().staged_bytes(), 58 * MIB);
+        // The hole at 4 MiB first, then from 10 MiB on; all of it still unplugged.
+        assert!(h.region().is_inaccessible(4 * MIB, 4 * MIB).unwrap());
+        assert!(h
+            .region()
+            .is_inaccessible(10 * MIB, 512 * MIB - 10 * MIB)
+            .unwrap());
+        assert!(h.region().usage().unwrap().committed() >= 64 * MIB);
+        assert_eq!(
+            slots.live.lock().unwrap().len(),
+            1,
+            "staging registers no slot"
+        );
+        assert!(
+            h.release_timer.is_armed().unwrap(),
+            "staged memory waits for the quiet period"
+        );
+        // The guest plugs some of it: those blocks leave the staged memory.
+        h.plug(BASE + 4 * MIB, 4 * MIB).unwrap();
+        h.plug(BASE + 10 * MIB, 22 * MIB).unwrap();
+        assert_eq!(h.region().staged_bytes(), 32 * MIB);
+        // Nothing more to stage for this target; a target already plugged gives it back.
+        assert_eq!(stage_all(&mut h, 64 * MIB), 0);
+        assert_eq!(stage_all(&mut h, 32 * MIB), 0);
+        assert_eq!(h.region().staged_bytes(), 0);
+        let committed = h.region().usage().unwrap().committed();
+        assert!(
+            (32 * MIB..40 * MIB).contains(&committed),
+            "only the plugged 32 MiB stay: {committed}"
+        );
+    }
+
+    #[test]
+    fn staging_is_bounded_and_given_back_by_the_release_timer() {
+        let (mut h, _) = setup_populating();
+        h.plug(BASE, 2 * MIB).unwrap();
+        assert_eq!(stage_all(&mut h, 512 * MIB), STAGE_AHEAD_MAX);
+        h.on_release_timer();
+        assert_eq!(h.region().staged_bytes(), 0);
+        assert!(h.region().usage().unwrap().committed() < 4 * MIB);
+        assert!(!h.release_timer.is_armed().unwrap());
+    }
+
+    #[test]
+    fn nothing_is_staged_without_populate() {
+        let (mut h, _, _) = setup();
+        h.plug(BASE, 2 * MIB).unwrap();
+        assert_eq!(stage_all(&mut h, 64 * MIB), 0);
+        assert_eq!(h.region().staged_bytes(), 0);
     }
 
     #[test]
