@@ -6,7 +6,9 @@
 //! faults it in over several threads ([`populate`](PopulateOptions)), and
 //! [`MemoryRegion::unplug`] protects it again and gives the memory back in the way that
 //! works for the [`Backing`] (`MADV_DONTNEED` for private anonymous memory, punching a
-//! hole for memfd, shmem, hugetlb and files).
+//! hole for memfd, shmem, hugetlb and files). [`MemoryRegion::stage`] faults an unplugged
+//! range in ahead of its plug and leaves it inaccessible, so the plug that follows only
+//! changes protection.
 //!
 //! Failures that are the host's transient trouble (out of memory, an empty hugetlb pool,
 //! a poisoned page) come back as typed [`MemoryBackendError`]s, for which the device
