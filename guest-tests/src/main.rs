@@ -94,6 +94,9 @@ struct Args {
     /// `ci/resize-timeline`).
     #[arg(long)]
     resize_timeline: Option<u64>,
+    /// With --resize-timeline: plug with populate (ours --populate, QEMU prealloc=on).
+    #[arg(long)]
+    timeline_populate: bool,
     /// Instead of scenarios, run this many pairs of QEMU and ours: plug --bench-size-mib,
     /// write and free --data-mib, unplug; then a populated plug of --populate-mib (QEMU
     /// prealloc=on, ours --populate); print medians, JSON to <guest dir>/resize-bench/ (one
@@ -518,10 +521,12 @@ fn main_with(args: Args) -> ExitCode {
         let Some(&(kernel, sc)) = selected.first() else {
             return ExitCode::from(2);
         };
-        let spec = runner::spec_for(kernel, sc.boot, &paths, &opts, 0);
+        let mut spec = runner::spec_for(kernel, sc.boot, &paths, &opts, 0);
+        spec.populate = args.timeline_populate;
         println!(
-            "guest-tests: resize timeline, {mib} MiB, {} MiB of data before the unplug, \
+            "guest-tests: resize timeline, {mib} MiB{}, {} MiB of data before the unplug, \
              kernel {}, {} vCPUs, VMM {}, host THP {}",
+            if spec.populate { " populated" } else { "" },
             args.data_mib,
             kernel.label(),
             opts.cpus,
