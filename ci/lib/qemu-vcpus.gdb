@@ -1,0 +1,12 @@
+# Prints QEMU's own state of each vCPU of a running qemu-system-x86_64 (7.2, with its
+# symbols), one line each: used by ci/testhost-run (gdb -p PID -batch -x this) as evidence
+# when an L1 CPU stops. A halted vCPU wakes when cs->interrupt_request has a bit it can act
+# on; env.hflags2 holds SVM's GIF (0x1; 0 blocks every interrupt), HIF (0x2, the host's IF
+# at VMRUN), NMI (0x4) and VINTR (0x8: while a guest runs with V_INTR_MASKING, HIF gates
+# the host's interrupts); int_ctl is the guest's V_INTR state.
+set pagination off
+set $c = cpus.tqh_first
+while $c
+  printf "cpu%d halted=%d interrupt_request=0x%x exception_index=%d stop=%d stopped=%d exit_request=%d hflags=0x%x hflags2=0x%x eflags=0x%x int_ctl=0x%x\n", $c->cpu_index, $c->halted, $c->interrupt_request, $c->exception_index, $c->stop, $c->stopped, $c->exit_request, ((X86CPU*)$c)->env.hflags, ((X86CPU*)$c)->env.hflags2, ((X86CPU*)$c)->env.eflags, ((X86CPU*)$c)->env.int_ctl
+  set $c = $c->node.tqe_next
+end
