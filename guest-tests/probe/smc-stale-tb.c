@@ -8,10 +8,11 @@
  * 9.1.3 ("Handling Self- and Cross-Modifying Code"): once the executor has seen the flag
  * and serialized, it must execute the new code, so the call returns at least the
  * published value. A smaller value is a stale instruction: on real CPUs never; under
- * QEMU 7.2's multi-threaded TCG, a translation block built from the old bytes by the
- * executor while the writer's store was in flight stays cached after the store (the
- * writer invalidates before it stores), which is how the test host's guests ran an
- * `int3` Linux had already replaced (`Oops: int3`).
+ * QEMU 7.2's multi-threaded TCG, a translation block built from the old bytes stays
+ * cached after the store (the writer's TLB entry loses its "page holds code" mark in a
+ * race, or the store lands after its own invalidation: the three races that
+ * ci/patches/qemu-7.2-smc-stale-tb.patch names), which is how the test host's guests ran
+ * an `int3` Linux had already replaced (`Oops: int3`).
  *
  * Output, one line: "smc-probe: writes=N calls=M stale=K first=..." ; exit 0 when K is
  * 0, 1 when some call returned a stale value, 2 when the probe could not run. Built and
