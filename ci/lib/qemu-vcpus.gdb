@@ -10,3 +10,14 @@ while $c
   printf "cpu%d halted=%d interrupt_request=0x%x exception_index=%d stop=%d stopped=%d exit_request=%d hflags=0x%x hflags2=0x%x eflags=0x%x int_ctl=0x%x\n", $c->cpu_index, $c->halted, $c->interrupt_request, $c->exception_index, $c->stop, $c->stopped, $c->exit_request, ((X86CPU*)$c)->env.hflags, ((X86CPU*)$c)->env.hflags2, ((X86CPU*)$c)->env.eflags, ((X86CPU*)$c)->env.int_ctl
   set $c = $c->node.tqe_next
 end
+set $c = cpus.tqh_first
+while $c
+  set $e = &((X86CPU*)$c)->env
+  set $j = $e->gif_seq > 8 ? $e->gif_seq - 8 : 0
+  while $j < $e->gif_seq
+    set $g = &$e->gif_log[$j % 8]
+    printf "cpu%d gif seq=%lu what=%u rip=0x%lx rip2=0x%lx hflags=0x%x hflags2=0x%x info=0x%x ns=%ld\n", $c->cpu_index, $g->seq, $g->what, $g->rip, $g->rip2, $g->hflags, $g->hflags2, $g->info, $g->ns
+    set $j = $j + 1
+  end
+  set $c = $c->node.tqe_next
+end
