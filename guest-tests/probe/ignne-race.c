@@ -24,37 +24,31 @@
  * and run inside the test host by ci/testhost-ignne-probe; the first argument is the run
  * time in seconds (default 20).
  */
-#define _GNU_SOURCE
+#include "probe.h"
 #include <fcntl.h>
 #include <linux/kvm.h>
-#include <pthread.h>
-#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
-static volatile uint64_t runs;
-static volatile int stop;
+/* Shared between the two threads through __atomic loads and stores: the guest thread
+ * alone writes runs and failure, the main thread alone writes stop. */
+static uint64_t runs;
+static int stop;
 static const char *failure;
 
-static int pin(int cpu)
+static void fail(const char *why)
 {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    __atomic_store_n(&failure, why, __ATOMIC_RELEASE);
 }
 
-static double now(void)
+static const char *failed(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
+    return __atomic_load_n(&failure, __ATOMIC_ACQUIRE);
 }
 
 /* CPU 0: a KVM guest in real mode at address 0 that exits to this thread at each OUT. */
@@ -71,18 +65,18 @@ static void *guest_loop(void *arg)
 
     (void)arg;
     if (pin(0) != 0) {
-        failure = "cannot pin to CPU 0";
+        fail("cannot pin to CPU 0");
         return NULL;
     }
     kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0) {
-        failure = "cannot open /dev/kvm";
+        fail("cannot open /dev/kvm");
         return NULL;
     }
     vm = ioctl(kvm, KVM_CREATE_VM, 0);
     mem = mmap(NULL, 0x1000, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (vm < 0 || mem == MAP_FAILED) {
-        failure = "cannot create the VM or its memory";
+        fail("cannot create the VM or its memory");
         return NULL;
     }
     memcpy(mem, code, sizeof(code));
@@ -92,7 +86,7 @@ static void *guest_loop(void *arg)
     size = vcpu >= 0 ? ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0) : -1;
     run = size > 0 ? mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0) : MAP_FAILED;
     if (run == MAP_FAILED || ioctl(vcpu, KVM_GET_SREGS, &sregs) != 0) {
-        failure = "cannot create the vCPU";
+        fail("cannot create the vCPU");
         return NULL;
     }
     sregs.cs.base = 0;
@@ -100,15 +94,15 @@ static void *guest_loop(void *arg)
     regs.rip = 0;
     regs.rflags = 2;
     if (ioctl(vcpu, KVM_SET_SREGS, &sregs) != 0 || ioctl(vcpu, KVM_SET_REGS, &regs) != 0) {
-        failure = "cannot set the vCPU's registers";
+        fail("cannot set the vCPU's registers");
         return NULL;
     }
-    while (!stop) {
+    while (!__atomic_load_n(&stop, __ATOMIC_ACQUIRE)) {
         if (ioctl(vcpu, KVM_RUN, 0) != 0 || run->exit_reason != KVM_EXIT_IO) {
-            failure = "KVM_RUN failed or exited for something else than the OUT";
+            fail("KVM_RUN failed or exited for something else than the OUT");
             return NULL;
         }
-        runs = runs + 1;
+        __atomic_store_n(&runs, runs + 1, __ATOMIC_RELEASE);
         nanosleep(&pause, NULL);
     }
     return NULL;
@@ -135,15 +129,17 @@ int main(int argc, char **argv)
         for (int i = 0; i < 10000; i++)
             __asm__ volatile("fxrstor64 %0" ::"m"(area));
         fxrstors += 10000;
-        if (failure) {
-            printf("ignne-probe: %s\n", failure);
+        if (failed()) {
+            printf("ignne-probe: %s\n", failed());
             return 2;
         }
-        if (runs != seen) {
-            seen = runs;
+        uint64_t latest = __atomic_load_n(&runs, __ATOMIC_ACQUIRE);
+        if (latest != seen) {
+            seen = latest;
             last_move = now();
-        } else if (seen == 0 && now() - start > 60) {
-            printf("ignne-probe: the guest thread made no KVM run in 60 s\n");
+        } else if (seen == 0 && now() - start > 10) {
+            /* Creating the VM takes milliseconds: no first run is a setup problem. */
+            printf("ignne-probe: the guest thread made no KVM run in 10 s\n");
             return 2;
         } else if (seen > 0 && now() - last_move > 5) {
             printf("ignne-probe: CPU 0 stopped after %llu runs (none for 5 s; %llu fxrstors)\n",
@@ -152,10 +148,10 @@ int main(int argc, char **argv)
             _exit(1);
         }
     }
-    stop = 1;
+    __atomic_store_n(&stop, 1, __ATOMIC_RELEASE);
     pthread_join(guest, NULL);
-    if (failure) {
-        printf("ignne-probe: %s\n", failure);
+    if (failed()) {
+        printf("ignne-probe: %s\n", failed());
         return 2;
     }
     printf("ignne-probe: runs=%llu fxrstors=%llu in %.0f s\n", (unsigned long long)runs,

@@ -19,15 +19,12 @@
  * run inside the test host by ci/testhost-smc-probe; the first argument is the run time
  * in seconds (default 20).
  */
-#define _GNU_SOURCE
-#include <pthread.h>
-#include <sched.h>
+#include "probe.h"
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 
 /* The immediate sits 4-aligned (offset 4) so that each rewrite is one aligned store, as
  * Linux's text_poke of one byte is. */
@@ -47,14 +44,6 @@ static void serialize(void)
 {
     uint32_t a = 0, b, c = 0, d;
     __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d)::"memory");
-}
-
-static int pin(int cpu)
-{
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
 static void *executor(void *arg)
@@ -81,13 +70,6 @@ static void *executor(void *arg)
         __atomic_store_n(&acked, expected, __ATOMIC_RELEASE);
     }
     return NULL;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 int main(int argc, char **argv)
