@@ -1,5 +1,7 @@
 /* probe.h: what the test host's C probes (smc-stale-tb.c, ignne-race.c) share. Each
- * probe is one translation unit built by ci/lib/testhost-probe.sh, so these are static. */
+ * probe is one translation unit built by ci/lib/testhost-probe.sh, so these are static.
+ * Include it first: it defines _GNU_SOURCE, which pthread_setaffinity_np needs before any
+ * system header. */
 #ifndef PROBE_H
 #define PROBE_H
 
