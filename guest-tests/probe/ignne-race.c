@@ -129,8 +129,9 @@ int main(int argc, char **argv)
         for (int i = 0; i < 10000; i++)
             __asm__ volatile("fxrstor64 %0" ::"m"(area));
         fxrstors += 10000;
-        if (failed()) {
-            printf("ignne-probe: %s\n", failed());
+        const char *why = failed();
+        if (why) {
+            printf("ignne-probe: %s\n", why);
             return 2;
         }
         uint64_t latest = __atomic_load_n(&runs, __ATOMIC_ACQUIRE);
@@ -150,8 +151,9 @@ int main(int argc, char **argv)
     }
     __atomic_store_n(&stop, 1, __ATOMIC_RELEASE);
     pthread_join(guest, NULL);
-    if (failed()) {
-        printf("ignne-probe: %s\n", failed());
+    const char *why = failed();
+    if (why) {
+        printf("ignne-probe: %s\n", why);
         return 2;
     }
     printf("ignne-probe: runs=%llu fxrstors=%llu in %.0f s\n", (unsigned long long)runs,
